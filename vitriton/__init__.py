@@ -1,0 +1,19 @@
+"""vitriton: Triton-accelerated, tensor-parallel CLIP and SigLIP encoders that load Hugging Face checkpoints."""
+
+from vitriton.encoders import *  # noqa: F403
+from vitriton.encoders import __all__ as _encoders
+from vitriton.kernels import eager_mode
+from vitriton.loading import from_pretrained, from_transformers
+from vitriton.parallel import CheckpointError, Weights, init_distributed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    *_encoders,
+    "CheckpointError",
+    "Weights",
+    "eager_mode",
+    "from_pretrained",
+    "from_transformers",
+    "init_distributed",
+]

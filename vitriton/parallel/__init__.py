@@ -1,0 +1,38 @@
+"""Process groups, rank-sliced checkpoint loading, and the tensor-parallel layers the encoders are built from."""
+
+from vitriton.parallel.group import (
+    Shard,
+    ceil_shard,
+    default_group,
+    even_shard,
+    get_rank,
+    get_world_size,
+    init_distributed,
+)
+from vitriton.parallel.layers import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    all_reduce,
+)
+from vitriton.parallel.weights import CheckpointError, Weights, checkpoint_files, join
+
+__all__ = [
+    "CheckpointError",
+    "ColumnParallelLinear",
+    "QKVParallelLinear",
+    "RowParallelLinear",
+    "Shard",
+    "VocabParallelEmbedding",
+    "Weights",
+    "all_reduce",
+    "ceil_shard",
+    "checkpoint_files",
+    "default_group",
+    "even_shard",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "join",
+]

@@ -1,0 +1,77 @@
+"""Process groups: set-up from torchrun's environment, rank and world-size helpers that accept ``None``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+
+def init_distributed(backend: str | None = None) -> ProcessGroup | None:
+    """Initialises the default group from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    NCCL when CUDA is available, gloo otherwise; on CUDA each process takes the device LOCAL_RANK. Returns
+    the default group, or ``None`` when the process was not started by torchrun (single process).
+    """
+    if dist.is_initialized():
+        return dist.group.WORLD
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return dist.group.WORLD
+
+
+def default_group() -> ProcessGroup | None:
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def get_rank(group: ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def get_world_size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The half-open range ``[start, stop)`` of a dimension of size ``total`` that one rank holds."""
+
+    start: int
+    stop: int
+    total: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def even_shard(total: int, rank: int, world_size: int, *, what: str, unit: int = 1) -> Shard:
+    """Splits ``total`` (a multiple of ``unit``, e.g. head_dim) into equal contiguous parts, one per rank.
+
+    Raises when ``total / unit`` does not divide by the world size, naming the numbers.
+    """
+    groups = total // unit
+    if groups * unit != total or groups % world_size:
+        raise ValueError(
+            f"{what} = {groups} does not divide by the tensor-parallel world size {world_size}; "
+            f"use a world size that divides it, or parallel='data' (every rank holds the full weights and runs "
+            f"its share of the batch)"
+        )
+    per_rank = groups // world_size * unit
+    return Shard(rank * per_rank, (rank + 1) * per_rank, total)
+
+
+def ceil_shard(total: int, rank: int, world_size: int) -> Shard:
+    """Splits ``total`` into ``world_size`` contiguous blocks of ``ceil(total / world_size)``; the last may be short."""
+    block = -(-total // world_size)
+    start = min(rank * block, total)
+    return Shard(start, min(start + block, total), total)

@@ -1,0 +1,182 @@
+"""Tensor-parallel linears and embedding, built already sharded from a :class:`Weights`.
+
+Megatron-LM's split (Shoeybi et al. 2019, arXiv:1909.08053): the first linear of a block is split by output
+columns and needs no communication; the second is split by input rows and all-reduces its partial sums once.
+The reduce is written out in each ``forward`` so the communication a layer does is visible where it happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vitriton.kernels import linear, qkv_projection
+from vitriton.parallel.group import ProcessGroup, Shard, ceil_shard, even_shard, get_rank, get_world_size
+from vitriton.parallel.weights import Weights, join
+
+
+def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+
+
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    if get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y_local = act(x @ W_local^T + b_local)``: this rank's block of output features; no communication."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, process_group: ProcessGroup | None = None):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.bias = _frozen(bias)
+        self.process_group = process_group
+
+    @classmethod
+    def load(
+        cls,
+        prefix: str,
+        weights: Weights,
+        *,
+        in_features: int,
+        out_features: int,
+        unit: int = 1,
+        what: str = "output features",
+        bias: bool = True,
+    ) -> ColumnParallelLinear:
+        """Reads rows ``shard`` of ``{prefix}.weight`` (out, in); ``unit`` keeps whole heads on a rank."""
+        shard = even_shard(out_features, weights.rank, weights.world_size, what=f"{prefix}: {what}", unit=unit)
+        weight = weights.get_sharded(join(prefix, "weight"), 0, shard, shape=(out_features, in_features))
+        b = weights.get_sharded(join(prefix, "bias"), 0, shard, shape=(out_features,)) if bias else None
+        return cls(weight, b, weights.process_group)
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, activation)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x_local @ W_local^T) + b``: this rank's block of input features, one all-reduce.
+
+    The bias joins the GEMM epilogue on rank 0 only, so the reduced sum holds it exactly once.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, process_group: ProcessGroup | None = None):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.bias = _frozen(bias)
+        self.process_group = process_group
+
+    @classmethod
+    def load(
+        cls,
+        prefix: str,
+        weights: Weights,
+        *,
+        in_features: int,
+        out_features: int,
+        unit: int = 1,
+        what: str = "input features",
+        bias: bool = True,
+    ) -> RowParallelLinear:
+        shard = even_shard(in_features, weights.rank, weights.world_size, what=f"{prefix}: {what}", unit=unit)
+        weight = weights.get_sharded(join(prefix, "weight"), 1, shard, shape=(out_features, in_features))
+        b = weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None
+        return cls(weight, b, weights.process_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if get_rank(self.process_group) == 0 else None
+        return all_reduce(linear(x, self.weight, bias), self.process_group)
+
+
+class QKVParallelLinear(nn.Module):
+    """Packed ``[q; k; v]`` projection holding, on each rank, the q, k and v rows of the same heads.
+
+    The output is head-split by the ``qkv_projection`` kernel: three (batch, local_heads, seq, head_dim) tensors.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.bias = _frozen(bias)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+
+    @classmethod
+    def load(
+        cls,
+        sources: Sequence[tuple[str, int]],
+        weights: Weights,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        bias_sources: Sequence[tuple[str, int]] | None = None,
+    ) -> QKVParallelLinear:
+        """``sources``: three (tensor name, first row) pairs for q, k and v; separate ``q_proj.weight``
+        tensors start at row 0, a packed ``in_proj_weight`` at rows 0, hidden and 2 * hidden."""
+        head_dim = hidden_size // num_heads
+        if head_dim * num_heads != hidden_size:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        shard = even_shard(hidden_size, weights.rank, weights.world_size, what="attention heads", unit=head_dim)
+        parts, bias_parts = [], []
+        for name, row in sources:
+            rows = weights.shape(name)[0]
+            weights._check_shape(name, (rows, hidden_size))
+            parts.append(weights.get_slice(name, 0, row + shard.start, row + shard.stop))
+        for name, row in bias_sources or ():
+            bias_parts.append(weights.get_slice(name, 0, row + shard.start, row + shard.stop))
+        weight = torch.cat(parts, dim=0)
+        bias = torch.cat(bias_parts, dim=0) if bias_sources else None
+        return cls(weight, bias, shard.size // head_dim, head_dim)
+
+    @classmethod
+    def load_separate(
+        cls, prefix: str, weights: Weights, *, hidden_size: int, num_heads: int, bias: bool = True
+    ) -> QKVParallelLinear:
+        """From transformers' ``{prefix}.q_proj``, ``k_proj``, ``v_proj`` linears."""
+        names = [join(prefix, f"{p}_proj") for p in "qkv"]
+        for name in names:
+            weights._check_shape(join(name, "weight"), (hidden_size, hidden_size))
+        return cls.load(
+            [(join(n, "weight"), 0) for n in names],
+            weights,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            bias_sources=[(join(n, "bias"), 0) for n in names] if bias else None,
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qkv_projection(x, self.weight, self.bias, self.num_heads)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding split by vocabulary rows: each rank looks up the ids it owns, zeros the rest, and the
+    ranks all-reduce. Blocks are ``ceil(vocab / world_size)`` rows, so any vocabulary size shards."""
+
+    def __init__(self, weight: torch.Tensor, shard: Shard, process_group: ProcessGroup | None = None):
+        super().__init__()
+        self.weight = _frozen(weight)
+        self.shard = shard
+        self.process_group = process_group
+
+    @classmethod
+    def load(cls, prefix: str, weights: Weights, *, vocab_size: int, hidden_size: int) -> VocabParallelEmbedding:
+        shard = ceil_shard(vocab_size, weights.rank, weights.world_size)
+        weight = weights.get_sharded(join(prefix, "weight"), 0, shard, shape=(vocab_size, hidden_size))
+        return cls(weight, shard, weights.process_group)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if get_world_size(self.process_group) == 1:
+            return F.embedding(input_ids, self.weight)
+        owned = (input_ids >= self.shard.start) & (input_ids < self.shard.stop)
+        local = torch.where(owned, input_ids - self.shard.start, 0)
+        if self.shard.size:
+            out = F.embedding(local, self.weight) * owned.unsqueeze(-1).to(self.weight.dtype)
+        else:  # more ranks than vocabulary rows: this rank owns no id
+            out = self.weight.new_zeros(*input_ids.shape, self.weight.shape[1])
+        return all_reduce(out, self.process_group)
