@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, SiglipConfig, SiglipTextConfig, SiglipVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    SiglipConfig,
+    SiglipTextConfig,
+    SiglipVisionConfig,
+)
 
 from vitriton.encoders import clip, siglip
 from vitriton.encoders.trunk import Tower
@@ -74,11 +81,17 @@ def _build(
         config = load_config(config_cls)
         model_cls = classes[tower]
         prefix = {None: "", "vision": "vision_model", "text": "text_model"}[tower]
-        sub_config = {None: config, "vision": getattr(config, "vision_config", None), "text": getattr(config, "text_config", None)}[tower]
+        sub_config = {
+            None: config,
+            "vision": getattr(config, "vision_config", None),
+            "text": getattr(config, "text_config", None),
+        }[tower]
     elif model_type in TOWER_MODELS:
         config_cls, model_cls, own_tower = TOWER_MODELS[model_type]
         if tower not in (None, own_tower):
-            raise ValueError(f"tower={tower!r} asked of a {model_type} checkpoint, which holds only the {own_tower} tower")
+            raise ValueError(
+                f"tower={tower!r} asked of a {model_type} checkpoint, which holds only the {own_tower} tower"
+            )
         sub_config = load_config(config_cls)
         prefix = None
     else:

@@ -1,10 +1,10 @@
 """CLIP and SigLIP encoders: one pre-norm trunk (trunk.py) with presets under transformers' class names."""
 
 from vitriton.encoders.clip import (
+    CLIPMLP,
     CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
-    CLIPMLP,
     CLIPModel,
     CLIPTextEmbeddings,
     CLIPTextModel,

@@ -31,7 +31,7 @@ from vitriton.encoders.trunk import (
     projection,
 )
 from vitriton.kernels import attention_reference, linear
-from vitriton.parallel import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, Weights, join
+from vitriton.parallel import QKVParallelLinear, RowParallelLinear, Weights, join
 
 
 class SiglipVisionEmbeddings(PatchEmbeddings):
@@ -85,7 +85,11 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         )
         self.head_dim = hidden // heads
         self.out_proj = RowParallelLinear.load(
-            join(prefix, "attention.out_proj"), weights, in_features=hidden, out_features=hidden, unit=self.head_dim,
+            join(prefix, "attention.out_proj"),
+            weights,
+            in_features=hidden,
+            out_features=hidden,
+            unit=self.head_dim,
             what="attention heads",
         )
         self.layernorm = LayerNorm(join(prefix, "layernorm"), weights, hidden, config.layer_norm_eps)
@@ -181,7 +185,9 @@ class SiglipModel(PretrainedMixin, nn.Module):
         self.config = config
         self.text_model = SiglipTextTransformer(join(prefix, "text_model"), config.text_config, weights)
         self.vision_model = SiglipVisionTransformer(join(prefix, "vision_model"), config.vision_config, weights)
-        self.logit_scale = nn.Parameter(weights.get_tensor(join(prefix, "logit_scale"), shape=(1,)), requires_grad=False)
+        self.logit_scale = nn.Parameter(
+            weights.get_tensor(join(prefix, "logit_scale"), shape=(1,)), requires_grad=False
+        )
         self.logit_bias = nn.Parameter(weights.get_tensor(join(prefix, "logit_bias"), shape=(1,)), requires_grad=False)
 
     def get_image_features(

@@ -52,9 +52,7 @@ class LayerNorm(nn.Module):
         self.bias = _frozen(weights.get_tensor(join(prefix, "bias"), shape=(hidden_size,)))
         self.eps = eps
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
@@ -64,11 +62,17 @@ class Attention(nn.Module):
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
         hidden = config.hidden_size
-        self.qkv = QKVParallelLinear.load_separate(prefix, weights, hidden_size=hidden, num_heads=config.num_attention_heads)
+        self.qkv = QKVParallelLinear.load_separate(
+            prefix, weights, hidden_size=hidden, num_heads=config.num_attention_heads
+        )
         self.head_dim = self.qkv.head_dim
         self.scale = self.head_dim**-0.5
         self.out_proj = RowParallelLinear.load(
-            join(prefix, "out_proj"), weights, in_features=hidden, out_features=hidden, unit=self.head_dim,
+            join(prefix, "out_proj"),
+            weights,
+            in_features=hidden,
+            out_features=hidden,
+            unit=self.head_dim,
             what="attention heads",
         )
 
@@ -229,7 +233,7 @@ class Tower(nn.Module):
         start = sum(sizes[: get_rank(self.data_group)])
         mine = sizes[get_rank(self.data_group)]
         local = {
-            k: t[start : start + mine] if t is not None and t.dim() and t.shape[0] == batch else t
+            k: t[start : start + mine] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
             for k, t in inputs.items()
         }
         out = run(**local)
@@ -251,7 +255,7 @@ def _gather(tensor: torch.Tensor | None, sizes: list[int], group: ProcessGroup) 
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
 
 
 class PatchEmbeddings(nn.Module):
@@ -307,7 +311,9 @@ class PatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         self.check(pixel_values, interpolate_pos_encoding)
-        patches = F.conv2d(pixel_values.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, stride=self.patch_size)
+        patches = F.conv2d(
+            pixel_values.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, stride=self.patch_size
+        )
         grid_h, grid_w = patches.shape[-2:]
         tokens = patches.flatten(2).transpose(1, 2)
         if self.class_embedding is not None:

@@ -1,0 +1,109 @@
+"""Bad input and bad checkpoints raise clear exceptions that name the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vitriton
+from tests.encoders import models
+from vitriton.parallel import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return models.save(models.clip_model(), tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+    return vitriton.from_pretrained(clip_dir)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "match"),
+    [
+        (torch.randn(1, 4, 40, 40), "4 channels; the config expects 3"),
+        (torch.randn(1, 3, 48, 40), "48x40 does not match the config's 40x40"),
+        (torch.randn(3, 40, 40), "must be 4-d"),
+    ],
+)
+def test_bad_pixels(clip, pixels, match):
+    with pytest.raises(ValueError, match=match):
+        clip.vision_model(pixels)
+
+
+def test_bad_text(clip):
+    with pytest.raises(ValueError, match="token id 99 is outside the vocabulary of 99"):
+        clip.text_model(torch.tensor([[1, 2, 99]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        clip.text_model(torch.tensor([[1, -1, 3]]))
+    with pytest.raises(ValueError, match="17 tokens; the position table holds 16"):
+        clip.text_model(torch.ones(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        clip.text_model(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        clip.text_model(torch.ones(1, 5))
+
+
+def test_missing_tensor_names_tensor_and_file(clip_dir, tmp_path):
+    state = load_file(clip_dir / "model.safetensors")
+    del state["vision_model.encoder.layers.1.mlp.fc2.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((clip_dir / "config.json").read_text())
+    with pytest.raises(
+        CheckpointError, match=r"'vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight' not found in .*model\.safetensors"
+    ):
+        vitriton.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_names_tensor_and_file(clip_dir, tmp_path):
+    state = load_file(clip_dir / "model.safetensors")
+    state["text_model.encoder.layers.0.self_attn.k_proj.weight"] = torch.randn(160, 150)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((clip_dir / "config.json").read_text())
+    with pytest.raises(
+        CheckpointError,
+        match=r"k_proj\.weight' in .*model\.safetensors has shape \(160, 150\); the config expects \(160, 160\)",
+    ):
+        vitriton.from_pretrained(tmp_path)
+
+
+def test_no_config(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        vitriton.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        vitriton.from_pretrained(tmp_path / "nowhere")
+
+
+def test_unknown_model_type(clip_dir, tmp_path):
+    config = json.loads((clip_dir / "config.json").read_text())
+    config["model_type"] = "bert"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown model_type 'bert'; vitriton loads clip, siglip"):
+        vitriton.from_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors(clip_dir, tmp_path):
+    (tmp_path / "config.json").write_text((clip_dir / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="cannot read safetensors file .*model.safetensors"):
+        vitriton.from_pretrained(tmp_path)
+
+
+def test_no_weights(clip_dir, tmp_path):
+    (tmp_path / "config.json").write_text((clip_dir / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="holds no safetensors weights"):
+        vitriton.from_pretrained(tmp_path)
+
+
+def test_wrong_class_and_tower(clip_dir):
+    with pytest.raises(TypeError, match="holds a CLIPVisionModel, not a SiglipVisionModel"):
+        vitriton.SiglipVisionModel.from_pretrained(clip_dir)
+    with pytest.raises(ValueError, match="tower='audio'"):
+        vitriton.from_pretrained(clip_dir, tower="audio")
+    with pytest.raises(ValueError, match="parallel='pipeline'"):
+        vitriton.from_pretrained(clip_dir, parallel="pipeline")

@@ -1,0 +1,211 @@
+"""vitriton against transformers' own CLIP and SigLIP in fp32: every output within 1e-4 relative.
+
+On CPU the ops run the Triton kernels through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig
+
+import vitriton
+from tests.encoders import models
+from vitriton.encoders.clip import CLIPVisionTransformer
+from vitriton.parallel import Weights
+
+
+def assert_matches(ours: torch.Tensor, ref: torch.Tensor, what: str = "") -> None:
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * max(scale, 1e-6), msg=lambda m: f"{what}: {m}")
+
+
+def assert_pooled_output(ours, ref, what: str) -> None:
+    assert_matches(ours.last_hidden_state, ref.last_hidden_state, f"{what} last_hidden_state")
+    if ref.pooler_output is not None:
+        assert_matches(ours.pooler_output, ref.pooler_output, f"{what} pooler_output")
+    if ref.hidden_states is not None:
+        assert len(ours.hidden_states) == len(ref.hidden_states)
+        for i, (a, b) in enumerate(zip(ours.hidden_states, ref.hidden_states, strict=True)):
+            assert_matches(a, b, f"{what} hidden_states[{i}]")
+
+
+@pytest.fixture(scope="module")
+def clip_pair(tmp_path_factory):
+    hf = models.clip_model()
+    path = models.save(hf, tmp_path_factory.mktemp("clip"))
+    return hf, path, vitriton.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def siglip_pair(tmp_path_factory):
+    hf = models.siglip_model()
+    path = models.save(hf, tmp_path_factory.mktemp("siglip"))
+    return hf, path, vitriton.from_pretrained(path)
+
+
+@torch.no_grad()
+def test_clip_full_model(clip_pair):
+    hf, _, ours = clip_pair
+    px = models.pixels(3, 40)
+    ids, mask = models.text(3, 11)
+    ref = hf(input_ids=ids, pixel_values=px, attention_mask=mask, output_hidden_states=True)
+    out = ours(ids, px, mask, output_hidden_states=True)
+    for key in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):
+        assert_matches(out[key], ref[key], key)
+    assert_pooled_output(out.vision_model_output, ref.vision_model_output, "vision")
+    assert_pooled_output(out.text_model_output, ref.text_model_output, "text")
+
+
+@torch.no_grad()
+def test_clip_features(clip_pair):
+    hf, _, ours = clip_pair
+    px = models.pixels(2, 40, seed=3)
+    ids, mask = models.text(2, 9, seed=3)
+    assert_pooled_output(ours.get_image_features(px), hf.get_image_features(px), "image features")
+    ref = hf.get_text_features(input_ids=ids, attention_mask=mask)
+    assert_pooled_output(ours.get_text_features(ids, mask), ref, "text features")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("eos_token_id", [2, 98])
+def test_clip_text_eos_pooling(tmp_path, eos_token_id):
+    """Legacy checkpoints (eos_token_id == 2) pool at the highest id; newer ones at the first eos id."""
+    hf = models.clip_model(eos_token_id=eos_token_id).text_model
+    ours = vitriton.from_transformers(hf)
+    ids, mask = models.text(3, 12, seed=5)
+    ids[0, 2] = 98  # an eos-valued token before the end: the two conventions pick different rows
+    ref = hf(input_ids=ids, attention_mask=mask)
+    assert_pooled_output(ours(ids, mask), ref, "text")
+
+
+@torch.no_grad()
+def test_clip_text_position_ids(clip_pair):
+    hf, _, ours = clip_pair
+    ids, mask = models.text(2, 8, seed=6)
+    position_ids = torch.arange(3, 11).expand(2, -1)
+    ref = hf.text_model(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    assert_pooled_output(ours.text_model(ids, mask, position_ids), ref, "text")
+
+
+@torch.no_grad()
+def test_siglip_full_model(siglip_pair):
+    hf, _, ours = siglip_pair
+    px = models.pixels(3, 35)
+    ids, mask = models.text(3, 10)
+    ref = hf(input_ids=ids, pixel_values=px, attention_mask=mask, output_hidden_states=True)
+    out = ours(ids, px, mask, output_hidden_states=True)
+    for key in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):
+        assert_matches(out[key], ref[key], key)
+    assert_pooled_output(out.vision_model_output, ref.vision_model_output, "vision")
+    assert_pooled_output(out.text_model_output, ref.text_model_output, "text")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_interpolate_pos_encoding(family, clip_pair, siglip_pair):
+    hf, _, ours = clip_pair if family == "clip" else siglip_pair
+    px = models.pixels(2, (48, 32) if family == "clip" else (42, 56), seed=2)
+    ref = hf.vision_model(pixel_values=px, interpolate_pos_encoding=True)
+    assert_pooled_output(ours.vision_model(px, interpolate_pos_encoding=True), ref, family)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_feature_layers(family, clip_pair, siglip_pair):
+    hf, _, ours = clip_pair if family == "clip" else siglip_pair
+    size = 40 if family == "clip" else 35
+    px = models.pixels(2, size, seed=4)
+    ref = hf.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
+    tower = ours.vision_model
+    out = tower(px, feature_layers=-2)
+    assert len(out.hidden_states) == 1 and out.pooler_output is None
+    assert_matches(out.hidden_states[0], ref[-2], "layer -2")
+    assert_matches(out.last_hidden_state, ref[-2], "layer -2 as last_hidden_state")
+    out = tower(px, feature_layers=[2, 0, -2])
+    for got, index in zip(out.hidden_states, [2, 0, -2], strict=True):
+        assert_matches(got, ref[index], f"layer {index}")
+    assert out.pooler_output is not None  # the deepest layer asked for is the last: the whole tower ran
+
+
+def test_feature_layers_stop_early(clip_pair):
+    """Layers after the deepest one asked for never run."""
+    _, _, ours = clip_pair
+    calls = []
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+        for i, layer in enumerate(ours.vision_model.encoder.layers)
+    ]
+    try:
+        with torch.no_grad():
+            ours.vision_model(models.pixels(1, 40), feature_layers=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [0]
+
+
+@pytest.mark.parametrize("bad", [3, -4, []])
+def test_feature_layers_out_of_range(clip_pair, bad):
+    _, _, ours = clip_pair
+    with pytest.raises(ValueError, match="feature"):
+        ours.vision_model(models.pixels(1, 40), feature_layers=bad)
+
+
+@torch.no_grad()
+def test_sharded_checkpoint_and_tower_loading(clip_pair, tmp_path):
+    hf, _, _ = clip_pair
+    path = models.save(hf, tmp_path / "sharded", max_shard_size="100KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    px = models.pixels(2, 40, seed=7)
+    ref = hf.vision_model(pixel_values=px)
+    assert_pooled_output(vitriton.from_pretrained(path, tower="vision")(px), ref, "tower='vision'")
+    assert_pooled_output(vitriton.CLIPVisionModel.from_pretrained(path)(px), ref, "CLIPVisionModel.from_pretrained")
+    ids, mask = models.text(2, 7, seed=7)
+    text = vitriton.CLIPTextModel.from_pretrained(path)
+    assert_pooled_output(text(ids, mask), hf.text_model(input_ids=ids, attention_mask=mask), "text tower")
+
+
+@torch.no_grad()
+def test_standalone_tower_checkpoints(clip_pair, siglip_pair, tmp_path):
+    """Towers saved by transformers 5 (no prefix) and in the hub's older layout (vision_model.*)."""
+    hf, _, _ = clip_pair
+    px = models.pixels(2, 40, seed=8)
+    ref = hf.vision_model(pixel_values=px)
+    path = models.save(hf.vision_model, tmp_path / "tower")
+    assert_pooled_output(vitriton.from_pretrained(path)(px), ref, "transformers 5 tower")
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "config.json").write_text((path / "config.json").read_text())
+    state = {f"vision_model.{k}": v.contiguous() for k, v in hf.vision_model.state_dict().items()}
+    save_file(state, nested / "model.safetensors")
+    assert_pooled_output(vitriton.from_pretrained(nested)(px), ref, "nested tower")
+    shf, _, _ = siglip_pair
+    spx = models.pixels(2, 35, seed=8)
+    spath = models.save(shf.vision_model, tmp_path / "siglip_tower")
+    assert_pooled_output(vitriton.from_pretrained(spath)(spx), shf.vision_model(pixel_values=spx), "siglip tower")
+
+
+@torch.no_grad()
+def test_llava_style_prefix(clip_pair, tmp_path):
+    """LoRAX-style construction from a checkpoint that nests the tower under vision_tower.vision_model."""
+    hf, _, _ = clip_pair
+    state = {f"vision_tower.vision_model.{k}": v.contiguous() for k, v in hf.vision_model.state_dict().items()}
+    state["language_model.lm_head.weight"] = torch.randn(5, 4)
+    save_file(state, tmp_path / "model.safetensors")
+    config = CLIPVisionConfig(**models.CLIP_VISION)
+    tower = CLIPVisionTransformer("vision_tower.vision_model", config, Weights(tmp_path)).eval()
+    px = models.pixels(2, 40, seed=9)
+    ref = hf.vision_model(pixel_values=px, output_hidden_states=True)
+    assert_pooled_output(tower(px, output_hidden_states=True), ref, "llava prefix")
+
+
+@torch.no_grad()
+def test_empty_batch(clip_pair):
+    _, _, ours = clip_pair
+    out = ours(torch.zeros(0, 11, dtype=torch.long), models.pixels(0, 40))
+    assert out.logits_per_image.shape == (0, 0)
+    assert out.vision_model_output.last_hidden_state.shape == (0, 26, 144)
+    assert out.text_model_output.pooler_output.shape == (0, 48)
