@@ -2,6 +2,7 @@
 
 from vitriton.encoders import *  # noqa: F403
 from vitriton.encoders import __all__ as _encoders
+from vitriton.graphs import CUDAGraphRunner
 from vitriton.kernels import eager_mode
 from vitriton.loading import from_pretrained, from_transformers
 from vitriton.parallel import CheckpointError, Weights, init_distributed
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     *_encoders,
+    "CUDAGraphRunner",
     "CheckpointError",
     "Weights",
     "eager_mode",

@@ -343,12 +343,14 @@ class TextEmbeddings(nn.Module):
         seq = input_ids.shape[-1]
         if seq > self.max_positions:
             raise ValueError(f"text has {seq} tokens; the position table holds {self.max_positions}")
-        if input_ids.numel():
+        # Value checks read the ids on the host; inside CUDA-graph capture (replays of checked shapes) skip them.
+        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+        if input_ids.numel() and not capturing:
             low, high = input_ids.min().item(), input_ids.max().item()
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab_size} tokens")
-        if position_ids is not None and position_ids.numel():
+        if position_ids is not None and position_ids.numel() and not capturing:
             low, high = position_ids.min().item(), position_ids.max().item()
             if low < 0 or high >= self.max_positions:
                 raise ValueError(f"position id {high if high >= 0 else low} is outside 0..{self.max_positions - 1}")
