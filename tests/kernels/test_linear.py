@@ -1,0 +1,205 @@
+"""Fused linear (bias + activation + residual) against its eager reference.
+
+CPU cases run the Triton kernel through the interpreter at small odd shapes; GPU cases run the models' full
+GEMM shapes in fp32, fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import DEVICE, DTYPES, TOLERANCES, assert_lowp_bound, poisoned
+from vitriton.kernels.linear import ACTIVATIONS, linear, linear_reference, linear_triton
+
+# fp32 at the full GPU shapes: K up to 4304 products summed in a different order than cuBLAS; the rounding
+# differences reach ~sqrt(K) ulp of the partial sums, above TOLERANCES' atol of 1e-5 for O(1) outputs.
+GPU_FP32_TOLERANCE = (1e-4, 1e-4)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_reference():
+    """The fp32 reference must not run on TF32 tensor cores."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def make_inputs(
+    lead: tuple[int, ...],
+    k: int,
+    n: int,
+    dtype: torch.dtype,
+    *,
+    bias: bool,
+    residual: bool,
+    weight_std: float = 1.0,
+    device: str = DEVICE,
+    seed: int = 0,
+):
+    """x ~ N(0, 1) and W ~ N(0, weight_std^2 / K), so the pre-activations have standard deviation ~weight_std."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator, device=device) * std).to(dtype)
+
+    x = randn(*lead, k)
+    w = randn(n, k, std=weight_std / k**0.5)
+    b = randn(n, std=0.5) if bias else None
+    r = randn(*lead, n) if residual else None
+    return x, w, b, r
+
+
+def assert_matches_reference(out, x, w, b, activation, r, *, fp32_tolerance=None):
+    dtype = x.dtype
+    if dtype == torch.float32:
+        rtol, atol = fp32_tolerance or TOLERANCES[torch.float32]
+        expected = linear_reference(x, w, b, activation, r)
+        torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+        return
+    upcast = (t.float() if t is not None else None for t in (x, w, b, r))
+    x32, w32, b32, r32 = upcast
+    ref_fp32 = linear_reference(x32, w32, b32, activation, r32)
+    eager_lowp = linear_reference(x, w, b, activation, r)
+    assert_lowp_bound(out, ref_fp32, eager_lowp, atol=TOLERANCES[dtype][1])
+
+
+# (leading dims, K, N, activation, bias, residual): M in {1, 7, 50}, K and N off the 32-wide interpreter tiles.
+CPU_CASES = [
+    ((1,), 64, 72, None, True, False),
+    ((7,), 100, 100, "quick_gelu", True, True),
+    ((2, 25), 72, 100, "gelu", False, True),
+    ((50,), 72, 72, "gelu_pytorch_tanh", True, False),
+    ((2, 25), 100, 64, None, False, False),
+    ((1, 7), 40, 130, "quick_gelu", True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead, k, n, activation, bias, residual", CPU_CASES)
+def test_linear_small(lead, k, n, activation, bias, residual, dtype):
+    x, w, b, r = make_inputs(lead, k, n, dtype, bias=bias, residual=residual)
+    out = linear_triton(x, w, b, activation, r, out=poisoned((*lead, n), dtype))
+    assert out.shape == (*lead, n)
+    assert_matches_reference(out, x, w, b, activation, r)
+
+
+# exp(-x) overflows to inf far in the negative tail; the interpreter's numpy warns, the result is the exact 0.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_activations_wide_range(activation, dtype):
+    """Pre-activations with standard deviation 8 reach the saturated tails of every activation."""
+    x, w, b, r = make_inputs((50,), 72, 100, dtype, bias=True, residual=True, weight_std=8.0, seed=1)
+    out = linear_triton(x, w, b, activation, r, out=poisoned((50, 100), dtype))
+    assert_matches_reference(out, x, w, b, activation, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_strided_operands(dtype):
+    """x transposed and sliced, weight sliced: strides go to the kernel; a non-flattenable x is copied once."""
+    generator = torch.Generator(device=DEVICE).manual_seed(2)
+    x_t = torch.randn(2, 72, 25, generator=generator, device=DEVICE).to(dtype).transpose(1, 2)  # (2, 25, 72)
+    w_wide = (torch.randn(100, 90, generator=generator, device=DEVICE) / 8.5).to(dtype)
+    w = w_wide[:, 5:77]
+    x_sliced = torch.randn(50, 80, generator=generator, device=DEVICE).to(dtype)[:, :72]
+    r = torch.randn(50, 200, generator=generator, device=DEVICE).to(dtype)[:, ::2]
+    assert not x_t.is_contiguous() and not w.is_contiguous() and not r.is_contiguous()
+    for x, residual in ((x_t, None), (x_sliced, r)):
+        out = linear_triton(x, w, None, "quick_gelu", residual, out=poisoned((*x.shape[:-1], 100), dtype))
+        assert_matches_reference(out, x, w, None, "quick_gelu", residual)
+
+
+def test_linear_public_dispatch():
+    """The public op runs the Triton custom op here (interpreter or GPU) and the reference when eager."""
+    x, w, b, r = make_inputs((2, 7), 40, 72, torch.float32, bias=True, residual=True, seed=3)
+    expected = linear_reference(x, w, b, "gelu", r)
+    torch.testing.assert_close(linear(x, w, b, "gelu", r), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(linear(x, w, b, "gelu", r, eager=True), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 5)])
+def test_linear_empty(lead):
+    x, w, b, r = make_inputs(lead, 40, 72, torch.float32, bias=True, residual=True)
+    out = linear_triton(x, w, b, "quick_gelu", r)
+    assert out.shape == (*lead, 72)
+
+
+def test_linear_rejects_bad_arguments():
+    x, w, b, r = make_inputs((7,), 40, 72, torch.float32, bias=True, residual=True)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        linear(x, w, b, "relu")
+    with pytest.raises(ValueError, match="weight has shape"):
+        linear_triton(x, w[:, :39], b)
+    with pytest.raises(ValueError, match="bias has shape"):
+        linear_triton(x, w, b[:71])
+    with pytest.raises(ValueError, match="residual has shape"):
+        linear_triton(x, w, b, None, r[:, :71])
+    with pytest.raises(ValueError, match="weight has dtype"):
+        linear_triton(x, w.half(), b)
+
+
+def test_linear_opcheck():
+    """Schema, fake (meta) implementation and dispatch of the registered custom op."""
+    x, w, b, r = make_inputs((1, 3), 40, 72, torch.float32, bias=True, residual=True, seed=4)
+    torch.library.opcheck(torch.ops.vitriton.linear.default, (x, w, b, "quick_gelu", r))
+
+
+def test_linear_compiles_fullgraph():
+    """torch.compile traces the custom op in one graph (aot_eager here: no C compiler needed on CPU)."""
+    x, w, b, r = make_inputs((2, 7), 40, 72, torch.float32, bias=True, residual=True, seed=5)
+    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
+    compiled = torch.compile(lambda *args: linear(*args), fullgraph=True, backend=backend)
+    torch.testing.assert_close(
+        compiled(x, w, b, "gelu_pytorch_tanh", r), linear_reference(x, w, b, "gelu_pytorch_tanh", r)
+    )
+
+
+# (M, K, N, activation, residual): the models' GEMMs at batch 128 and batch 1.
+GPU_CASES = [
+    (128 * 577, 1024, 4096, "quick_gelu", False),  # ViT-L/14-336 fc1
+    (128 * 577, 4096, 1024, None, True),  # ViT-L/14-336 fc2
+    (128 * 577, 1024, 1024, None, True),  # ViT-L/14-336 attention out
+    (128 * 729, 1152, 4304, "gelu_pytorch_tanh", False),  # so400m fc1: N = 4304 is not a multiple of 64
+    (128 * 729, 4304, 1152, None, True),  # so400m fc2: K = 4304 is not a multiple of 64
+    (128 * 197, 768, 3072, "quick_gelu", False),  # ViT-B/16 fc1
+    (128 * 197, 3072, 768, None, True),  # ViT-B/16 fc2
+    (128 * 257, 1280, 5120, "gelu", False),  # ViT-H/14 fc1
+    (577, 1024, 4096, "quick_gelu", False),  # batch 1
+    (729, 4304, 1152, None, True),
+    (50, 768, 3072, "quick_gelu", False),
+    (1, 768, 768, "gelu", True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, k, n, activation, residual", GPU_CASES)
+def test_linear_gpu(m, k, n, activation, residual, dtype):
+    x, w, b, r = make_inputs((m,), k, n, dtype, bias=True, residual=residual, device="cuda")
+    out = linear_triton(x, w, b, activation, r, out=poisoned((m, n), dtype, device="cuda"))
+    assert_matches_reference(out, x, w, b, activation, r, fp32_tolerance=GPU_FP32_TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_gpu_3d_public(dtype):
+    x, w, b, r = make_inputs((4, 577), 1024, 4096, dtype, bias=True, residual=True, device="cuda")
+    assert_matches_reference(linear(x, w, b, "quick_gelu", r), x, w, b, "quick_gelu", r)
+
+
+@pytest.mark.gpu
+def test_linear_gpu_cuda_graph():
+    x, w, b, r = make_inputs((4, 197), 768, 3072, torch.bfloat16, bias=True, residual=True, device="cuda")
+    expected = linear(x, w, b, "quick_gelu", r)  # tunes and compiles before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = linear(x, w, b, "quick_gelu", r)
+    x.normal_()
+    graph.replay()
+    torch.testing.assert_close(captured, linear(x, w, b, "quick_gelu", r), rtol=0, atol=0)
+    assert not torch.equal(captured, expected)

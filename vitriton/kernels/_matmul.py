@@ -1,0 +1,181 @@
+"""The GEMM main loop and tile configs shared by ``linear`` and ``qkv_projection``.
+
+Algorithm: the tiled GEMM of the Triton matmul tutorial
+(https://triton-lang.org/main/getting-started/tutorials/03-matrix-multiplication.html): one program per
+BLOCK_M x BLOCK_N output tile, a K loop of ``tl.dot`` over BLOCK_K slices into an fp32 accumulator, and the
+grouped tile order (GROUP_M tile rows walk the N tiles together) so that a column panel of W stays in L2
+while the programs that read it run. Each op writes its own epilogue around :func:`accumulate_tile`.
+
+Trade-offs: operands arrive through plain ``tl.load``, which Triton pipelines over ``num_stages`` buffers
+(cp.async feeding wgmma on Hopper), rather than through TMA descriptors: the same kernel runs on triton 3.6,
+on newer releases and in the CPU interpreter. Load indices wrap modulo M and N, so the edge tiles read valid
+(repeated) rows instead of paying a mask on every load; only a K tail that is not a multiple of BLOCK_K is
+masked (``EVEN_K`` drops that mask), and the epilogue masks the stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from vitriton.kernels._dispatch import interpreting
+
+# M at or below this runs the small-tile configs: at batch 1 (M = 50..729) 128-row tiles leave most of the
+# 132 SMs of an H100 idle. A power of two, so no autotune bucket of M (see m_bucket) straddles it.
+SMALL_M = 2048
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int = 8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+# Shared memory per config is num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; all fit the H100's 227 KiB.
+# Two candidates per M range keep the first call of a whole model (3 kernel variants, each compiled per
+# config) within its compile budget.
+# 16-bit operands, M > SMALL_M: 256x128 tiles (144 KiB, one CTA per SM, 8 warps) amortise the epilogue over
+# the most FLOPs; 128x256 would do the same, but triton 3.6's ptxas serialises its wgmma chain (warning C7515)
+# in the activation and q/k/v variants. 128x128 tiles at 3 stages (96 KiB, at most 255 registers x 128
+# threads) fit two CTAs per SM, so one CTA's epilogue (activation, residual, scattered q/k/v stores) overlaps
+# the other's main loop.
+_LARGE_M_16BIT = [
+    _config(256, 128, 64, num_warps=8, num_stages=3),
+    _config(128, 128, 64, num_warps=4, num_stages=3),
+]
+# 16-bit operands, M <= SMALL_M: 64 and 96 KiB.
+_SMALL_M_16BIT = [
+    _config(64, 64, 64, num_warps=4, num_stages=4),
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+]
+# fp32 operands take exact (ieee) dots on the FMA units; this path exists for parity, not speed, so one config
+# each (96 and 48 KiB) and no tuning.
+_LARGE_M_FP32 = [_config(128, 128, 32, num_warps=8, num_stages=3)]
+_SMALL_M_FP32 = [_config(64, 64, 32, num_warps=4, num_stages=3)]
+
+# The interpreter runs one small config: autotuning there costs minutes, and small tiles make the CPU tests'
+# odd shapes cross several tile edges and GROUP_M bands.
+_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2)]
+
+
+def matmul_configs() -> list[triton.Config]:
+    """Every config the GEMM kernels may run; :func:`prune_matmul_configs` narrows it per call."""
+    if interpreting():
+        return list(_INTERPRETER)
+    return [*_LARGE_M_16BIT, *_SMALL_M_16BIT, *_LARGE_M_FP32, *_SMALL_M_FP32]
+
+
+def prune_matmul_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """Keeps the configs for this call's operand width and M range (2 for 16-bit operands, 1 for fp32)."""
+    args = {**named_args, **kwargs}
+    small = args["M"] <= SMALL_M
+    if args["x_ptr"].element_size() >= 4:
+        pool = _SMALL_M_FP32 if small else _LARGE_M_FP32
+    else:
+        pool = _SMALL_M_16BIT if small else _LARGE_M_16BIT
+    return [config for config in configs if config in pool] or configs[:1]
+
+
+def last_config(kernel: triton.runtime.Autotuner) -> str:
+    """The config an autotuned GEMM kernel ran last, as "256x128x64 w8 s3", for benchmark tables."""
+    config = getattr(kernel, "best_config", None)
+    if config is None:
+        return "-"
+    size = config.kwargs
+    return f"{size['BLOCK_M']}x{size['BLOCK_N']}x{size['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key's stand-in for M: one tuning per power of two, not per batch size."""
+    return triton.next_power_of_2(max(m, 1))
+
+
+def matmul_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    """One program per output tile, all on grid axis 0 (axes 1 and 2 stop at 65535)."""
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    return grid
+
+
+def even_k(args: dict[str, Any]) -> bool:
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+def dot_is_ieee(dtype: torch.dtype) -> bool:
+    """fp32 operands take exact fp32 dots (no TF32), so fp32 parity with transformers holds to 1e-4."""
+    return dtype == torch.float32
+
+
+def check_operands(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected (N, {x.shape[-1]}) for x {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype}; expected x's dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}; expected x's device {x.device}")
+
+
+@triton.jit
+def tile_coordinates(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: bands of GROUP_M tile rows, column-major inside."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band_size = GROUP_M * tiles_n
+    first_m = (pid // band_size) * GROUP_M
+    band_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    in_band = pid % band_size
+    return first_m + in_band % band_rows, in_band // band_rows
+
+
+@triton.jit
+def accumulate_tile(
+    x_ptr,  # (M, K)
+    w_ptr,  # (N, K), nn.Linear layout
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    pid_m,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_N) tile of ``x @ w^T``; rows past M and columns past N hold wrapped values."""
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x_tile = tl.load(x_ptrs)
+            w_tile = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=ks[None, :] < k_left, other=0.0)
+            w_tile = tl.load(w_ptrs, mask=ks[:, None] < k_left, other=0.0)
+        if IEEE_DOT:
+            acc = tl.dot(x_tile, w_tile, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_tile, w_tile, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
