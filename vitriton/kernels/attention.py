@@ -470,17 +470,24 @@ def pick_config(head_dim: int, seq: int, batch_heads: int, dtype: torch.dtype, s
     padded = sum(head_dim_chunks(head_dim))
     if padded > 128:
         return AttentionConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    # The choices below are the fastest of `bench_attention.py --sweep --cases b128` on an H100 (bf16, triton
+    # 3.6; benchmarks/results/h100/attention_sweep.log). The narrow tail tile lost wherever it applied except
+    # at head_dim 104, so it is off elsewhere.
+    if seq <= 128:
+        # CLIP text (77 tokens): one 128-row tile per (batch, head).
+        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=4, split_tail=False)
     few_programs = batch_heads * triton.cdiv(seq, 128) < 2 * sm_count
-    if few_programs or seq <= 64 or _computed_rows(seq, 64) < 0.85 * _computed_rows(seq, 128):
-        # 64-row tiles: twice the programs for small batches (batch-1 latency), one tile specialisation
-        # instead of two for short sequences, and less padding at lengths such as 197 (3 x 64 + a 16-row
-        # tail = 208 rows computed, against 2 x 128 = 256).
-        return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
-    if padded <= 64:
-        # H100: one warpgroup per 128-row tile and a 3-stage K/V pipeline (the Triton tutorial's Hopper choice).
-        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    # Wider accumulators (80 to 128 columns) need two warpgroups to stay clear of register spills.
-    return AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if padded > 80:
+        # head_dim 104 (64 + 32 + 16 columns): narrow key blocks keep three accumulators in registers.
+        return AttentionConfig(block_m=128, block_n=32, num_warps=4, num_stages=3, split_tail=True)
+    if seq < 384:
+        # S 197 and 257: 64 x 32 tiles waste the fewest padded rows and give the most programs.
+        return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, split_tail=False)
+    if padded <= 64 or few_programs:
+        # S 577 at head_dim 64 (288 TF/s, cuDNN 294), and batch-1 latency: twice the programs of 128-row tiles.
+        return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tail=False)
+    # S 729 at head_dim 72 (64 + 16 columns): 128-row tiles, one warpgroup (273 TF/s, cuDNN 281).
+    return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, split_tail=False)
 
 
 def _row_alignment(tensor: torch.Tensor, extra: int = 0) -> int:
