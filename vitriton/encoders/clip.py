@@ -8,23 +8,22 @@ the checkpoint (``vision_model``, ``text_model``, ``vision_tower.vision_model`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPOutput
 
-from vitriton.encoders.pretrained import PretrainedMixin
 from vitriton.encoders.trunk import (
     MLP,
     Attention,
+    DualEncoder,
     Encoder,
     EncoderLayer,
     PatchEmbeddings,
     TextEmbeddings,
+    TextModel,
     TextTransformer,
+    VisionModel,
     VisionTransformer,
     projection,
 )
@@ -85,103 +84,36 @@ class CLIPTextTransformer(TextTransformer):
         return last_hidden_state[rows, position]
 
 
-class CLIPVisionModel(PretrainedMixin, nn.Module):
+class CLIPVisionModel(VisionModel):
     config_class = CLIPVisionConfig
-    tower = "vision"
-
-    def __init__(self, prefix: str, config: CLIPVisionConfig, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.vision_model = CLIPVisionTransformer(prefix, config, weights)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
-        feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        return self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding, feature_layers)
+    transformer_cls = CLIPVisionTransformer
 
 
-class CLIPTextModel(PretrainedMixin, nn.Module):
+class CLIPTextModel(TextModel):
     config_class = CLIPTextConfig
-    tower = "text"
-
-    def __init__(self, prefix: str, config: CLIPTextConfig, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.text_model = CLIPTextTransformer(prefix, config, weights)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        return self.text_model(input_ids, attention_mask, position_ids, output_hidden_states, feature_layers)
+    transformer_cls = CLIPTextTransformer
 
 
-def normalize(embeds: torch.Tensor) -> torch.Tensor:
-    return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
-
-
-class CLIPModel(PretrainedMixin, nn.Module):
+class CLIPModel(DualEncoder):
     """Both towers, the two projections and ``logit_scale``: CLIP's image-text similarity."""
 
     config_class = CLIPConfig
-    tower = None
+    vision_cls = CLIPVisionTransformer
+    text_cls = CLIPTextTransformer
+    output_cls = CLIPOutput
 
     def __init__(self, prefix: str, config: CLIPConfig, weights: Weights):
-        super().__init__()
-        self.config = config
-        text, vision = config.text_config, config.vision_config
-        self.text_model = CLIPTextTransformer(join(prefix, "text_model"), text, weights)
-        self.vision_model = CLIPVisionTransformer(join(prefix, "vision_model"), vision, weights)
-        dim = config.projection_dim
+        super().__init__(prefix, config, weights)
+        text, vision, dim = config.text_config, config.vision_config, config.projection_dim
         self.visual_projection = projection(join(prefix, "visual_projection"), weights, vision.hidden_size, dim, False)
         self.text_projection = projection(join(prefix, "text_projection"), weights, text.hidden_size, dim, False)
         self.logit_scale = nn.Parameter(weights.get_tensor(join(prefix, "logit_scale"), shape=()), requires_grad=False)
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, output_hidden_states: bool = False
-    ) -> BaseModelOutputWithPooling:
-        """The vision tower's output with ``pooler_output`` replaced by the projected image embedding."""
-        out = self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding)
-        out.pooler_output = self.visual_projection(out.pooler_output)
-        return out
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(pooled)
 
-    def get_text_features(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> BaseModelOutputWithPooling:
-        out = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states)
-        out.pooler_output = self.text_projection(out.pooler_output)
-        return out
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(pooled)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-    ) -> CLIPOutput:
-        vision = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text = self.get_text_features(input_ids, attention_mask, position_ids, output_hidden_states)
-        image_embeds, text_embeds = normalize(vision.pooler_output), normalize(text.pooler_output)
-        logits_per_text = (text_embeds @ image_embeds.t()) * self.logit_scale.exp()
-        return CLIPOutput(
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text,
-            vision_model_output=vision,
-        )
+    def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        return (text_embeds @ image_embeds.t()) * self.logit_scale.exp()

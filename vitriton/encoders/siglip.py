@@ -8,25 +8,23 @@ sigmoid loss whose logits carry a learned bias.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from transformers import SiglipConfig, SiglipTextConfig, SiglipVisionConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.siglip.modeling_siglip import SiglipOutput
 
-from vitriton.encoders.clip import normalize
-from vitriton.encoders.pretrained import PretrainedMixin
 from vitriton.encoders.trunk import (
     MLP,
     Attention,
+    DualEncoder,
     Encoder,
     EncoderLayer,
     LayerNorm,
     PatchEmbeddings,
     TextEmbeddings,
+    TextModel,
     TextTransformer,
+    VisionModel,
     VisionTransformer,
     projection,
 )
@@ -135,93 +133,31 @@ class SiglipTextTransformer(TextTransformer):
         return self.head(last_hidden_state[:, -1])
 
 
-class SiglipVisionModel(PretrainedMixin, nn.Module):
+class SiglipVisionModel(VisionModel):
     config_class = SiglipVisionConfig
-    tower = "vision"
-
-    def __init__(self, prefix: str, config: SiglipVisionConfig, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.vision_model = SiglipVisionTransformer(prefix, config, weights)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
-        feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        return self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding, feature_layers)
+    transformer_cls = SiglipVisionTransformer
 
 
-class SiglipTextModel(PretrainedMixin, nn.Module):
+class SiglipTextModel(TextModel):
     config_class = SiglipTextConfig
-    tower = "text"
-
-    def __init__(self, prefix: str, config: SiglipTextConfig, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.text_model = SiglipTextTransformer(prefix, config, weights)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        return self.text_model(input_ids, attention_mask, position_ids, output_hidden_states, feature_layers)
+    transformer_cls = SiglipTextTransformer
 
 
-class SiglipModel(PretrainedMixin, nn.Module):
-    """Both towers with ``logit_scale`` and ``logit_bias``: SigLIP's image-text logits."""
+class SiglipModel(DualEncoder):
+    """Both towers with ``logit_scale`` and ``logit_bias``: SigLIP's image-text logits (no projections: the
+    towers' pooled outputs are the embeddings)."""
 
     config_class = SiglipConfig
-    tower = None
+    vision_cls = SiglipVisionTransformer
+    text_cls = SiglipTextTransformer
+    output_cls = SiglipOutput
 
     def __init__(self, prefix: str, config: SiglipConfig, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.text_model = SiglipTextTransformer(join(prefix, "text_model"), config.text_config, weights)
-        self.vision_model = SiglipVisionTransformer(join(prefix, "vision_model"), config.vision_config, weights)
+        super().__init__(prefix, config, weights)
         self.logit_scale = nn.Parameter(
             weights.get_tensor(join(prefix, "logit_scale"), shape=(1,)), requires_grad=False
         )
         self.logit_bias = nn.Parameter(weights.get_tensor(join(prefix, "logit_bias"), shape=(1,)), requires_grad=False)
 
-    def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, output_hidden_states: bool = False
-    ) -> BaseModelOutputWithPooling:
-        return self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding)
-
-    def get_text_features(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> BaseModelOutputWithPooling:
-        return self.text_model(input_ids, attention_mask, position_ids, output_hidden_states)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-    ) -> SiglipOutput:
-        vision = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text = self.get_text_features(input_ids, attention_mask, position_ids, output_hidden_states)
-        image_embeds, text_embeds = normalize(vision.pooler_output), normalize(text.pooler_output)
-        logits_per_text = (text_embeds @ image_embeds.t()) * self.logit_scale.exp() + self.logit_bias
-        return SiglipOutput(
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text,
-            vision_model_output=vision,
-        )
+    def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        return (text_embeds @ image_embeds.t()) * self.logit_scale.exp() + self.logit_bias

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vitriton.encoders.pretrained import PretrainedMixin
 from vitriton.kernels import ACTIVATIONS, attention, layer_norm, linear
 from vitriton.parallel import (
     ColumnParallelLinear,
@@ -509,4 +510,118 @@ class TextTransformer(Tower):
             feature_layers=feature_layers,
             causal=self.causal,
             key_padding_mask=key_padding_mask,
+        )
+
+
+def normalize(embeds: torch.Tensor) -> torch.Tensor:
+    return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+
+
+class VisionModel(PretrainedMixin, nn.Module):
+    """A vision tower as transformers' ``*VisionModel``: the transformer under ``.vision_model``."""
+
+    tower = "vision"
+    transformer_cls: type[VisionTransformer]
+
+    def __init__(self, prefix: str, config, weights: Weights):
+        super().__init__()
+        self.config = config
+        self.vision_model = self.transformer_cls(prefix, config, weights)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        feature_layers: int | Sequence[int] | None = None,
+    ) -> BaseModelOutputWithPooling:
+        return self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding, feature_layers)
+
+
+class TextModel(PretrainedMixin, nn.Module):
+    """A text tower as transformers' ``*TextModel``: the transformer under ``.text_model``."""
+
+    tower = "text"
+    transformer_cls: type[TextTransformer]
+
+    def __init__(self, prefix: str, config, weights: Weights):
+        super().__init__()
+        self.config = config
+        self.text_model = self.transformer_cls(prefix, config, weights)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        feature_layers: int | Sequence[int] | None = None,
+    ) -> BaseModelOutputWithPooling:
+        return self.text_model(input_ids, attention_mask, position_ids, output_hidden_states, feature_layers)
+
+
+class DualEncoder(PretrainedMixin, nn.Module):
+    """Both towers and the image-text logits. Presets add their projections (``project_image``,
+    ``project_text``) and the logit formula (``logits``)."""
+
+    tower = None
+    vision_cls: type[VisionTransformer]
+    text_cls: type[TextTransformer]
+    output_cls: type
+
+    def __init__(self, prefix: str, config, weights: Weights):
+        super().__init__()
+        self.config = config
+        self.text_model = self.text_cls(join(prefix, "text_model"), config.text_config, weights)
+        self.vision_model = self.vision_cls(join(prefix, "vision_model"), config.vision_config, weights)
+
+    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled
+
+    def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, output_hidden_states: bool = False
+    ) -> BaseModelOutputWithPooling:
+        """The vision tower's output with ``pooler_output`` replaced by the image embedding (projected where
+        the model has a projection), as transformers 5 returns it."""
+        out = self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding)
+        out.pooler_output = self.project_image(out.pooler_output)
+        return out
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        out = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states)
+        out.pooler_output = self.project_text(out.pooler_output)
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+    ):
+        vision = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        text = self.get_text_features(input_ids, attention_mask, position_ids, output_hidden_states)
+        image_embeds, text_embeds = normalize(vision.pooler_output), normalize(text.pooler_output)
+        logits_per_text = self.logits(text_embeds, image_embeds)
+        return self.output_cls(
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text,
+            vision_model_output=vision,
         )

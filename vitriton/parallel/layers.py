@@ -29,14 +29,18 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     return tensor
 
 
-class ColumnParallelLinear(nn.Module):
-    """``y_local = act(x @ W_local^T + b_local)``: this rank's block of output features; no communication."""
+class _ShardedLinear(nn.Module):
+    """A rank's block of an nn.Linear: ``weight`` (rows or columns of the full one) and ``bias``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, process_group: ProcessGroup | None = None):
         super().__init__()
         self.weight = _frozen(weight)
         self.bias = _frozen(bias)
         self.process_group = process_group
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """``y_local = act(x @ W_local^T + b_local)``: this rank's block of output features; no communication."""
 
     @classmethod
     def load(
@@ -60,17 +64,11 @@ class ColumnParallelLinear(nn.Module):
         return linear(x, self.weight, self.bias, activation)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ShardedLinear):
     """``y = all_reduce(x_local @ W_local^T) + b``: this rank's block of input features, one all-reduce.
 
     The bias joins the GEMM epilogue on rank 0 only, so the reduced sum holds it exactly once.
     """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, process_group: ProcessGroup | None = None):
-        super().__init__()
-        self.weight = _frozen(weight)
-        self.bias = _frozen(bias)
-        self.process_group = process_group
 
     @classmethod
     def load(
