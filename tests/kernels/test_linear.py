@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import DEVICE, DTYPES, TOLERANCES, assert_lowp_bound, poisoned
+from vitriton.kernels._matmul import matmul_operands
 from vitriton.kernels.linear import ACTIVATIONS, linear, linear_reference, linear_triton
 
 # fp32 at the full GPU shapes: K up to 4304 products summed in a different order than cuBLAS; the rounding
@@ -114,6 +115,40 @@ def test_linear_strided_operands(dtype):
         assert_matches_reference(out, x, w, None, "quick_gelu", residual)
 
 
+# (leading dims, K, N, activation, residual) with K * 2 bytes a multiple of 16, as TMA needs; K = 40 and 104
+# leave a K tail past the 32-wide interpreter tile, which the descriptor zero-fills.
+TMA_CPU_CASES = [
+    ((1,), 64, 72, None, False),
+    ((7,), 104, 100, "quick_gelu", True),
+    ((2, 25), 72, 100, "gelu_pytorch_tanh", True),
+    ((50,), 40, 130, "gelu", False),
+]
+
+
+@pytest.mark.parametrize("lead, k, n, activation, residual", TMA_CPU_CASES)
+def test_linear_tma_interpreted(lead, k, n, activation, residual):
+    """The TMA main loop through the interpreter's descriptor loads (fp16: TMA takes 16-bit operands only)."""
+    x, w, b, r = make_inputs(lead, k, n, torch.float16, bias=True, residual=residual)
+    out = linear_triton(x, w, b, activation, r, out=poisoned((*lead, n), torch.float16), tma=True)
+    assert_matches_reference(out, x, w, b, activation, r)
+
+
+def test_linear_tma_selection():
+    """TMA only where the operands allow it; tma=True says why it cannot run, tma=False always runs plain."""
+    x, w, _, _ = make_inputs((7,), 72, 100, torch.float16, bias=False, residual=False)
+    expected_auto = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert matmul_operands(x, w, None)[2] == expected_auto
+    assert matmul_operands(x, w, False)[2] is False
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        matmul_operands(x.float(), w.float(), True)
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        matmul_operands(x[:, 1:], w[:, 1:], True)  # base pointers 2 bytes past 16-byte alignment
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        matmul_operands(x.t().contiguous().t(), w, True)  # column stride 7
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        matmul_operands(x[:1].expand(7, 72), w, True)  # broadcast rows
+
+
 def test_linear_public_dispatch():
     """The public op runs the Triton custom op here (interpreter or GPU) and the reference when eager."""
     x, w, b, r = make_inputs((2, 7), 40, 72, torch.float32, bias=True, residual=True, seed=3)
@@ -183,6 +218,35 @@ def test_linear_gpu(m, k, n, activation, residual, dtype):
     x, w, b, r = make_inputs((m,), k, n, dtype, bias=True, residual=residual, device="cuda")
     out = linear_triton(x, w, b, activation, r, out=poisoned((m, n), dtype, device="cuda"))
     assert_matches_reference(out, x, w, b, activation, r, fp32_tolerance=GPU_FP32_TOLERANCE)
+
+
+# (M, K, N, activation, residual): odd M on both sides of SMALL_M, N = 4304 and K = 4304 off the 64-wide tiles.
+TMA_GPU_CASES = [
+    (577, 4304, 4304, "gelu_pytorch_tanh", True),
+    (1000, 1152, 4304, "quick_gelu", False),
+    (1000, 4304, 1152, None, True),
+    (5001, 4304, 4304, "gelu", True),
+    (128 * 729, 1152, 4304, "gelu_pytorch_tanh", False),
+    (128 * 729, 4304, 1152, None, True),
+]
+
+
+def needs_hopper() -> None:
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA path needs compute capability 9.0 or more")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("m, k, n, activation, residual", TMA_GPU_CASES)
+def test_linear_gpu_tma(m, k, n, activation, residual, tma, dtype):
+    """Both main loops, forced, at the shapes whose edges TMA zero-fills."""
+    if tma:
+        needs_hopper()
+    x, w, b, r = make_inputs((m,), k, n, dtype, bias=True, residual=residual, device="cuda")
+    out = linear_triton(x, w, b, activation, r, out=poisoned((m, n), dtype, device="cuda"), tma=tma)
+    assert_matches_reference(out, x, w, b, activation, r)
 
 
 @pytest.mark.gpu

@@ -72,6 +72,24 @@ def test_qkv_small(batch, seq, hidden, heads, head_dim, q_scale, bias, dtype):
     assert_matches_reference(packed.unbind(0), x, w, b, heads, q_scale)
 
 
+# (batch, seq, hidden, heads, head_dim): hidden * 2 bytes a multiple of 16, as TMA needs.
+TMA_CPU_CASES = [
+    (2, 7, 48, 3, 72),
+    (1, 50, 64, 2, 80),
+    (3, 5, 104, 1, 64),
+    (1, 7, 40, 2, 104),
+]
+
+
+@pytest.mark.parametrize("batch, seq, hidden, heads, head_dim", TMA_CPU_CASES)
+def test_qkv_tma_interpreted(batch, seq, hidden, heads, head_dim):
+    """The TMA main loop through the interpreter's descriptor loads (fp16: TMA takes 16-bit operands only)."""
+    x, w, b = make_inputs(batch, seq, hidden, heads, head_dim, torch.float16)
+    out = poisoned((3, batch, heads, seq, head_dim), torch.float16)
+    packed = qkv_projection_triton(x, w, b, heads, q_scale=0.3, out=out, tma=True)
+    assert_matches_reference(packed.unbind(0), x, w, b, heads, 0.3)
+
+
 def test_qkv_public_layout():
     """Public op: three contiguous (B, H, S, D) tensors; the eager switch gives the reference."""
     x, w, b = make_inputs(2, 7, 48, 3, 72, torch.float32, seed=1)
@@ -149,6 +167,32 @@ def test_qkv_gpu(batch, seq, hidden, heads, head_dim, dtype):
     out = poisoned((3, batch, heads, seq, head_dim), dtype, device="cuda")
     packed = qkv_projection_triton(x, w, b, heads, q_scale=scale, out=out)
     assert_matches_reference(packed.unbind(0), x, w, b, heads, scale, fp32_tolerance=GPU_FP32_TOLERANCE)
+
+
+# (batch, seq, hidden, heads, head_dim): odd M on both sides of the small-M configs' bound, and N = 3 * H * D
+# off the 128-wide tiles.
+TMA_GPU_CASES = [
+    (1, 577, 1024, 16, 64),
+    (2, 729, 1152, 16, 72),
+    (7, 577, 1024, 16, 64),
+    (3, 257, 1664, 16, 104),
+    (128, 729, 1152, 16, 72),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("batch, seq, hidden, heads, head_dim", TMA_GPU_CASES)
+def test_qkv_gpu_tma(batch, seq, hidden, heads, head_dim, tma, dtype):
+    """Both main loops, forced, with the head-split epilogue unchanged."""
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA path needs compute capability 9.0 or more")
+    x, w, b = make_inputs(batch, seq, hidden, heads, head_dim, dtype, device="cuda")
+    scale = head_dim**-0.5
+    out = poisoned((3, batch, heads, seq, head_dim), dtype, device="cuda")
+    packed = qkv_projection_triton(x, w, b, heads, q_scale=scale, out=out, tma=tma)
+    assert_matches_reference(packed.unbind(0), x, w, b, heads, scale)
 
 
 @pytest.mark.gpu

@@ -6,11 +6,18 @@ BLOCK_M x BLOCK_N output tile, a K loop of ``tl.dot`` over BLOCK_K slices into a
 grouped tile order (GROUP_M tile rows walk the N tiles together) so that a column panel of W stays in L2
 while the programs that read it run. Each op writes its own epilogue around :func:`accumulate_tile`.
 
-Trade-offs: operands arrive through plain ``tl.load``, which Triton pipelines over ``num_stages`` buffers
-(cp.async feeding wgmma on Hopper), rather than through TMA descriptors: the same kernel runs on triton 3.6,
-on newer releases and in the CPU interpreter. Load indices wrap modulo M and N, so the edge tiles read valid
-(repeated) rows instead of paying a mask on every load; only a K tail that is not a multiple of BLOCK_K is
-masked (``EVEN_K`` drops that mask), and the epilogue masks the stores.
+Two main loops, chosen per call by the constexpr ``USE_TMA`` (see :func:`matmul_operands`):
+- TMA (Hopper and newer, 16-bit operands, 16-byte aligned base and row stride, unit column stride): x and w
+  arrive as host-built ``TensorDescriptor``s; each tile is one bulk copy that the hardware zero-fills past M,
+  N and K, so there is no index arithmetic, no mask and no K-tail special case. The descriptors' block shapes
+  depend on the config, so every config's ``pre_hook`` (:func:`set_descriptor_blocks`) sets them before the
+  launch. Host-built descriptors need no global scratch allocator (``triton.set_allocator``), which device-built
+  ones would require in every thread that launches.
+- plain ``tl.load`` everywhere else (pre-Hopper GPUs, fp32, misaligned or strided operands): Triton pipelines
+  the loads over ``num_stages`` buffers (cp.async feeding the tensor cores). Load indices wrap modulo M and N,
+  so the edge tiles read valid (repeated) rows instead of paying a mask on every load; only a K tail that is
+  not a multiple of BLOCK_K is masked (``EVEN_K`` drops that mask).
+Both paths leave the epilogue to the op, which masks its stores.
 """
 
 from __future__ import annotations
@@ -24,9 +31,22 @@ import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton before 3.4: the plain-load path only
+    TensorDescriptor = None
+
 # M at or below this runs the small-tile configs: at batch 1 (M = 50..729) 128-row tiles leave most of the
 # 132 SMs of an H100 idle. A power of two, so no autotune bucket of M (see m_bucket) straddles it.
 SMALL_M = 2048
+
+
+def set_descriptor_blocks(nargs: dict[str, Any]) -> None:
+    """Config pre-hook: gives the TMA descriptors (when the call has them) this config's tile shapes."""
+    x, w = nargs["x"], nargs["w"]
+    if TensorDescriptor is not None and isinstance(x, TensorDescriptor):
+        x.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        w.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
 def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int = 8):
@@ -34,12 +54,13 @@ def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages
         {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
         num_warps=num_warps,
         num_stages=num_stages,
+        pre_hook=set_descriptor_blocks,
     )
 
 
 # Shared memory per config is num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; all fit the H100's 227 KiB.
-# Two candidates per M range keep the first call of a whole model (3 kernel variants, each compiled per
-# config) within its compile budget.
+# Two candidates per M range on the plain-load path and three on the TMA path keep the first call of a whole
+# model (3 kernel variants, each compiled per config) within its compile budget.
 # 16-bit operands, M > SMALL_M: 256x128 tiles (144 KiB, one CTA per SM, 8 warps) amortise the epilogue over
 # the most FLOPs; 128x256 would do the same, but triton 3.6's ptxas serialises its wgmma chain (warning C7515)
 # in the activation and q/k/v variants. 128x128 tiles at 3 stages (96 KiB, at most 255 registers x 128
@@ -53,6 +74,21 @@ _LARGE_M_16BIT = [
 _SMALL_M_16BIT = [
     _config(64, 64, 64, num_warps=4, num_stages=4),
     _config(64, 128, 64, num_warps=4, num_stages=4),
+]
+# The TMA path (16-bit only). Its loads issue from one thread and hold no address registers, so deeper
+# pipelines fit: 256x128 at 3 and 4 stages (144 and 192 KiB), 128x128 at 8 warps and 4 stages (128 KiB) for
+# the residual epilogue, where 256x128 spills. 128x256 is left out: triton 3.6's ptxas serialises its wgmma
+# chain (C7515) with any of our epilogues, even bias-only, on both paths.
+_TMA_LARGE_M = [
+    _config(256, 128, 64, num_warps=8, num_stages=3),
+    _config(256, 128, 64, num_warps=8, num_stages=4),
+    _config(128, 128, 64, num_warps=8, num_stages=4),
+]
+# M <= SMALL_M: 320 and 160 tiles of an N = 4096 output at M = 577, 64 and 128 KiB.
+_TMA_SMALL_M = [
+    _config(64, 128, 64, num_warps=4, num_stages=4),
+    _config(128, 128, 64, num_warps=8, num_stages=4),
+    _config(64, 64, 64, num_warps=4, num_stages=4),
 ]
 # fp32 operands take exact (ieee) dots on the FMA units; this path exists for parity, not speed, so one config
 # each (96 and 48 KiB) and no tuning.
@@ -68,20 +104,81 @@ def matmul_configs() -> list[triton.Config]:
     """Every config the GEMM kernels may run; :func:`prune_matmul_configs` narrows it per call."""
     if interpreting():
         return list(_INTERPRETER)
-    return [*_LARGE_M_16BIT, *_SMALL_M_16BIT, *_LARGE_M_FP32, *_SMALL_M_FP32]
+    pools = [_LARGE_M_16BIT, _SMALL_M_16BIT, _TMA_LARGE_M, _TMA_SMALL_M, _LARGE_M_FP32, _SMALL_M_FP32]
+    return list(dict.fromkeys(config for pool in pools for config in pool))
+
+
+def matmul_config_pool(m: int, element_size: int, use_tma: bool) -> list[triton.Config]:
+    """The configs autotuned for one call: its path, operand width and M range (at most 3)."""
+    small = m <= SMALL_M
+    if use_tma:
+        return _TMA_SMALL_M if small else _TMA_LARGE_M
+    if element_size >= 4:
+        return _SMALL_M_FP32 if small else _LARGE_M_FP32
+    return _SMALL_M_16BIT if small else _LARGE_M_16BIT
 
 
 def prune_matmul_configs(
     configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
 ) -> list[triton.Config]:
-    """Keeps the configs for this call's operand width and M range (2 for 16-bit operands, 1 for fp32)."""
+    """Keeps :func:`matmul_config_pool`'s configs for this call (the interpreter's one config stays as is)."""
     args = {**named_args, **kwargs}
-    small = args["M"] <= SMALL_M
-    if args["x_ptr"].element_size() >= 4:
-        pool = _SMALL_M_FP32 if small else _LARGE_M_FP32
-    else:
-        pool = _SMALL_M_16BIT if small else _LARGE_M_16BIT
+    x = args["x"]
+    element_size = (x.base if args["USE_TMA"] else x).element_size()
+    pool = matmul_config_pool(args["M"], element_size, args["USE_TMA"])
     return [config for config in configs if config in pool] or configs[:1]
+
+
+def tma_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the operands meet TMA's layout rules (the device aside): 16-bit, non-empty, unit column stride,
+    16-byte aligned base pointers and row strides, rows that do not overlap (no broadcast x)."""
+    if TensorDescriptor is None or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return all(
+        min(t.shape) > 0
+        and t.stride(1) == 1
+        and t.stride(0) >= t.shape[1]
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        for t in (x, weight)
+    )
+
+
+def tma_device(device: torch.device) -> bool:
+    """Hopper or newer; the interpreter also runs descriptor loads, so it counts too."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return interpreting()
+
+
+def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> tuple[Any, Any, bool]:
+    """(x, w, USE_TMA) as the kernels take them: TMA descriptors where :func:`tma_supported` holds on a CUDA
+    device of compute capability 9 or more, else the tensors themselves.
+
+    ``tma``: None picks as above; True requires the TMA path (also in the interpreter), raising where the
+    operands or the device rule it out; False forces the plain-load path.
+    """
+    if tma is None:
+        use_tma = x.device.type == "cuda" and tma_device(x.device) and tma_supported(x, weight)
+    elif tma:
+        if not tma_supported(x, weight):
+            raise ValueError(
+                f"tma=True needs 16-bit operands with unit column strides and distinct, 16-byte aligned rows; got x "
+                f"{x.dtype} strides {x.stride()}, weight strides {weight.stride()}"
+            )
+        if not tma_device(x.device):
+            raise ValueError(
+                f"tma=True needs a GPU of compute capability 9.0 or more (or the interpreter); got {x.device}"
+            )
+        use_tma = True
+    else:
+        use_tma = False
+    if not use_tma:
+        return x, weight, False
+    # The block shapes are placeholders until a config's pre-hook (set_descriptor_blocks) sets them.
+    x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [16, 16])
+    w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [16, 16])
+    return x_desc, w_desc, True
 
 
 def last_config(kernel: triton.runtime.Autotuner) -> str:
@@ -136,6 +233,28 @@ def tile_coordinates(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
     band_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
     in_band = pid % band_size
     return first_m + in_band % band_rows, in_band // band_rows
+
+
+@triton.jit
+def accumulate_tile_tma(
+    x_desc,  # (M, K) descriptor, blocks (BLOCK_M, BLOCK_K)
+    w_desc,  # (N, K) descriptor, blocks (BLOCK_N, BLOCK_K), nn.Linear layout
+    K,
+    pid_m,
+    pid_n,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_N) tile of ``x @ w^T``; TMA zero-fills past M, N and K, so edge rows hold zeros."""
+    offset_m = pid_m * BLOCK_M
+    offset_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        x_tile = x_desc.load([offset_m, k * BLOCK_K])
+        w_tile = w_desc.load([offset_n, k * BLOCK_K])
+        acc = tl.dot(x_tile, w_tile.T, acc)
+    return acc
 
 
 @triton.jit

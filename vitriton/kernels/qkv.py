@@ -27,12 +27,14 @@ import triton.language as tl
 from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels._matmul import (
     accumulate_tile,
+    accumulate_tile_tma,
     check_operands,
     dot_is_ieee,
     even_k,
     m_bucket,
     matmul_configs,
     matmul_grid,
+    matmul_operands,
     prune_matmul_configs,
     tile_coordinates,
 )
@@ -56,14 +58,14 @@ def store_vector_width(head_dim: int) -> int:
 
 @triton.autotune(
     configs=matmul_configs(),
-    key=["M_BUCKET", "N", "K"],
+    key=["M_BUCKET", "N", "K", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_matmul_configs},
 )
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "SEQ"])
 def _qkv_kernel(
-    x_ptr,  # (M, K), M = B * S
-    w_ptr,  # (N, K), N = 3 * H * D, rows [q heads; k heads; v heads]
+    x,  # (M, K), M = B * S; a TMA descriptor when USE_TMA, else a pointer
+    w,  # (N, K), N = 3 * H * D, rows [q heads; k heads; v heads]; as x
     bias_ptr,  # (N,) contiguous; None without bias
     out_ptr,  # (3, B, H, S, D) contiguous
     M,
@@ -81,6 +83,7 @@ def _qkv_kernel(
     HAS_BIAS: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     VEC: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -88,24 +91,27 @@ def _qkv_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = accumulate_tile(
-        x_ptr,
-        w_ptr,
-        M,
-        N,
-        K,
-        stride_xm,
-        stride_xk,
-        stride_wn,
-        stride_wk,
-        pid_m,
-        pid_n,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-        IEEE_DOT,
-    )
+    if USE_TMA:
+        acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = accumulate_tile(
+            x,
+            w,
+            M,
+            N,
+            K,
+            stride_xm,
+            stride_xk,
+            stride_wn,
+            stride_wk,
+            pid_m,
+            pid_n,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+            IEEE_DOT,
+        )
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
@@ -136,11 +142,13 @@ def qkv_projection_triton(
     *,
     q_scale: float | None = None,
     out: torch.Tensor | None = None,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """Launches the kernel; returns the packed (3, B, H, S, D) buffer (``out`` when given) that q, k, v view.
 
     x keeps its strides when (B, S) flattens to a view (``reshape`` copies it once otherwise); the weight may
-    have any strides.
+    have any strides (the TMA main loop needs unit column strides and 16-byte aligned rows: see
+    ``matmul_operands``, which ``tma`` overrides as in ``linear_triton``).
     """
     if x.dim() != 3:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, seq, hidden)")
@@ -159,9 +167,10 @@ def qkv_projection_triton(
         return out
     m = batch * seq
     x2d = x.reshape(m, k)
+    x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
     _qkv_kernel[matmul_grid(m, n)](
-        x2d,
-        weight,
+        x_operand,
+        w_operand,
         bias.contiguous() if bias is not None else None,
         out,
         m,
@@ -179,6 +188,7 @@ def qkv_projection_triton(
         HAS_BIAS=bias is not None,
         IEEE_DOT=dot_is_ieee(x.dtype),
         VEC=store_vector_width(head_dim),
+        USE_TMA=use_tma,
     )
     return out
 

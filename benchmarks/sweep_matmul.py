@@ -1,0 +1,267 @@
+"""Every candidate GEMM tile config, on both main loops (plain loads and TMA), against cuBLAS ``F.linear``.
+
+    python3 benchmarks/sweep_matmul.py [--json PATH] [--case SUBSTRING ...]
+
+The jitted kernels are called directly with explicit meta-parameters, bypassing the autotuner, so every
+config is timed (``triton.testing.do_bench``, median; CUDA-graph replays at M <= 2048) and checked against
+the eager reference (``err`` is ||ours - ref|| / ||ref||, on an output poisoned with NaN first). A config
+that fails to compile or launch is reported in one line and skipped. Columns: ms, TFLOP/s (2 * M * N * K),
+vs cuBLAS = cuBLAS ms / ours ms; each case's rows run slowest first, so its best config is printed last.
+Without CUDA it is a smoke run at tiny shapes through the Triton interpreter (one config, correctness only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from benchmarks.common import gpu_name, relative_error, versions  # noqa: E402
+from vitriton.kernels._matmul import (  # noqa: E402
+    SMALL_M,
+    m_bucket,
+    matmul_grid,
+    matmul_operands,
+    set_descriptor_blocks,
+)
+from vitriton.kernels.linear import _linear_kernel, linear_reference  # noqa: E402
+from vitriton.kernels.qkv import _qkv_kernel, qkv_projection_reference, store_vector_width  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+
+# (name, M or (batch, seq), K, N, activation or (heads, head_dim)): linear cases carry an activation name or
+# None, q/k/v cases a (heads, head_dim) pair and (batch, seq) in place of M.
+GPU_CASES = [
+    ("L/14-336 fc1 b128", 128 * 577, 1024, 4096, "quick_gelu"),
+    ("L/14-336 fc2 b128", 128 * 577, 4096, 1024, None),
+    ("so400m fc1 b128", 128 * 729, 1152, 4304, "gelu_pytorch_tanh"),
+    ("L/14-336 qkv b128", (128, 577), 1024, 3 * 16 * 64, (16, 64)),
+    ("so400m qkv b128", (128, 729), 1152, 3 * 16 * 72, (16, 72)),
+    ("L/14-336 fc1 b1", 577, 1024, 4096, "quick_gelu"),
+    ("L/14-336 qkv b1", (1, 577), 1024, 3 * 16 * 64, (16, 64)),
+]
+CPU_CASES = [
+    ("cpu fc1", 50, 72, 100, "quick_gelu"),
+    ("cpu fc2", 37, 104, 64, None),
+    ("cpu qkv", (2, 7), 48, 3 * 3 * 72, (3, 72)),
+]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Shared memory is stages * (BLOCK_M + BLOCK_N) * 64 * 2
+# bytes: 192 KiB at most here, under the H100's 227 KiB.
+# 128x256 is kept to measure what its wgmma serialisation (ptxas C7515 under triton 3.6) costs.
+LARGE_M_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (256, 128, 64, 8, 4),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 3),
+]
+SMALL_M_CONFIGS = [
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+]
+CPU_CONFIGS = [(16, 32, 32, 1, 1)]
+
+
+def config_name(config: tuple[int, ...]) -> str:
+    block_m, block_n, block_k, warps, stages = config
+    return f"{block_m}x{block_n}x{block_k} w{warps} s{stages}"
+
+
+def make_case(case, dtype: torch.dtype):
+    """(M, N, K, reference output, cuBLAS peer, launcher ``run(config, tma, poison) -> output``)."""
+    name, lead, k, n, epilogue = case
+    device = "cuda" if ON_GPU else "cpu"
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = lead if isinstance(lead, tuple) else (lead,)
+    x = torch.randn(*shape, k, generator=generator, device=device).to(dtype)
+    w = (torch.randn(n, k, generator=generator, device=device) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=generator, device=device).to(dtype)
+    x2d = x.reshape(-1, k)
+    m = x2d.shape[0]
+
+    if isinstance(epilogue, tuple):
+        heads, head_dim = epilogue
+        batch, seq = shape
+        out = torch.empty(3, batch, heads, seq, head_dim, dtype=dtype, device=device)
+        reference = torch.stack(qkv_projection_reference(x, w, b, heads))
+
+        def launch(x_operand, w_operand, use_tma, meta):
+            _qkv_kernel.fn[matmul_grid(m, n)](
+                x_operand,
+                w_operand,
+                b,
+                out,
+                m,
+                n,
+                k,
+                m_bucket(m),
+                seq,
+                1.0,
+                x2d.stride(0),
+                x2d.stride(1),
+                w.stride(0),
+                w.stride(1),
+                HEADS=heads,
+                HEAD_DIM=head_dim,
+                HAS_BIAS=True,
+                IEEE_DOT=False,
+                VEC=store_vector_width(head_dim),
+                USE_TMA=use_tma,
+                **meta,
+            )
+    else:
+        out = torch.empty(m, n, dtype=dtype, device=device)
+        reference = linear_reference(x2d, w, b, epilogue)
+
+        def launch(x_operand, w_operand, use_tma, meta):
+            _linear_kernel.fn[matmul_grid(m, n)](
+                x_operand,
+                w_operand,
+                b,
+                None,
+                out,
+                m,
+                n,
+                k,
+                m_bucket(m),
+                x2d.stride(0),
+                x2d.stride(1),
+                w.stride(0),
+                w.stride(1),
+                0,
+                0,
+                out.stride(0),
+                out.stride(1),
+                ACTIVATION=epilogue or "none",
+                HAS_BIAS=True,
+                HAS_RESIDUAL=False,
+                IEEE_DOT=False,
+                USE_TMA=use_tma,
+                **meta,
+            )
+
+    def run(config: tuple[int, ...], tma: bool, poison: bool = False):
+        if poison:  # so an element the config leaves unwritten fails the check
+            out.fill_(float("nan"))
+        block_m, block_n, block_k, warps, stages = config
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+        x_operand, w_operand, use_tma = matmul_operands(x2d, w, tma)
+        set_descriptor_blocks({"x": x_operand, "w": w_operand, **meta})
+        launch(x_operand, w_operand, use_tma, {**meta, "num_warps": warps, "num_stages": stages})
+        return out
+
+    return m, n, k, reference, (lambda: F.linear(x2d, w, b)), run
+
+
+def time_ms(fn, m: int) -> float:
+    """Median ms. Below SMALL_M the kernels run for ~10-50 us, less than a Python launch, so they are timed as
+    CUDA-graph replays (``do_bench_cudagraph``), which leave the host out; larger M uses plain ``do_bench``."""
+    if m <= SMALL_M:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def sweep_case(case, dtype: torch.dtype) -> list[dict[str, object]]:
+    name = case[0]
+    m, n, k, reference, cublas, run = make_case(case, dtype)
+    flop = 2 * m * n * k
+    tflops = (lambda ms: flop / ms * 1e-9) if ON_GPU else (lambda ms: None)
+    cublas_ms = time_ms(cublas, m) if ON_GPU else None
+    rows = [
+        {"case": name, "M": m, "N": n, "K": k, "path": "cublas", "config": "F.linear", "ms": cublas_ms}
+        | {"tflops": tflops(cublas_ms) if ON_GPU else None, "vs_cublas": 1.0 if ON_GPU else None, "err": 0.0}
+    ]
+    configs = CPU_CONFIGS if not ON_GPU else SMALL_M_CONFIGS if m <= SMALL_M else LARGE_M_CONFIGS
+    for tma in (False, True):
+        path = "tma" if tma else "load"
+        for config in configs:
+            try:
+                out = run(config, tma, poison=True)
+                err = relative_error(out, reference)
+                ms = time_ms(lambda config=config, tma=tma: run(config, tma), m) if ON_GPU else None
+            except Exception as error:  # a config that cannot compile or launch is skipped, not fatal
+                first_line = (str(error).strip().splitlines() or [""])[0][:160]
+                print(f"  {name} {path} {config_name(config)}: skipped, {type(error).__name__}: {first_line}")
+                continue
+            row = {"case": name, "M": m, "N": n, "K": k, "path": path, "config": config_name(config), "ms": ms}
+            row |= {"tflops": tflops(ms) if ON_GPU else None, "err": err}
+            row["vs_cublas"] = cublas_ms / ms if ON_GPU else None
+            rows.append(row)
+    return rows
+
+
+def print_case(rows: list[dict[str, object]]) -> None:
+    """The case's rows slowest first, so the best config comes last; a row with err above 1e-2 is flagged."""
+    if ON_GPU:
+        rows = sorted(rows, key=lambda row: -row["ms"])
+    for row in rows:
+        timing = (
+            f"{row['ms']:>8.3f} {row['tflops']:>7.1f} {row['vs_cublas']:>6.2f}x"
+            if ON_GPU
+            else f"{'-':>8} {'-':>7} {'-':>7}"
+        )
+        flag = "  BAD" if row["err"] > 1e-2 else ""
+        print(
+            f"{row['case']:<20} {row['M']:>6} {row['N']:>5} {row['K']:>5} {row['path']:<6} {row['config']:<18} "
+            f"{timing} {row['err']:>8.1e}{flag}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the rows and the versions here")
+    parser.add_argument("--case", action="append", help="run only the cases whose name contains this (repeatable)")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter has no bf16 dot
+    cases = GPU_CASES if ON_GPU else CPU_CASES
+    if args.case:
+        cases = [case for case in cases if any(part in case[0] for part in args.case)]
+    if not ON_GPU:
+        print("CPU smoke run through the Triton interpreter: correctness only, no timings.")
+    print(f"device: {gpu_name()}  triton {triton.__version__}  torch {torch.__version__}  dtype {dtype}")
+    header = (
+        f"{'case':<20} {'M':>6} {'N':>5} {'K':>5} {'path':<6} {'config':<18} {'ms':>8} {'TF/s':>7} "
+        f"{'vs cuBLAS':>7} {'err':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    start = time.perf_counter()
+    rows = []
+    for case in cases:
+        case_rows = sweep_case(case, dtype)
+        print_case(case_rows)
+        rows += case_rows
+    print(f"swept {len(cases)} cases in {time.perf_counter() - start:.0f} s")
+    bad = [row for row in rows if row["err"] > 1e-2]
+    if bad:
+        print(
+            f"{len(bad)} configs disagree with the reference: "
+            + ", ".join(f"{r['case']} {r['path']} {r['config']}" for r in bad)
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"benchmark": "sweep_matmul", "dtype": str(dtype), "versions": versions(), "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    if bad:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
