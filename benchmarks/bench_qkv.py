@@ -13,7 +13,6 @@ Without CUDA it is a smoke run at a tiny shape through the Triton interpreter: t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import gpu_name, median_ms, versions  # noqa: E402
+from benchmarks.common import gpu_name, median_ms, run_benchmark, write_rows  # noqa: E402
 from vitriton.kernels._matmul import last_config  # noqa: E402
 from vitriton.kernels.qkv import _qkv_kernel, qkv_projection  # noqa: E402
 
@@ -127,25 +126,14 @@ def main() -> None:
     rows = [measure(case, DTYPES[name]) for name in names for case in CASES]
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"benchmark": "qkv", "versions": versions(), "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+        write_rows(args.json, "qkv", rows)
 
 
 @pytest.mark.parametrize("impl", ["ours", "gemm", "gemm+split"])
 @pytest.mark.parametrize("case", CASES, ids=[case[0].replace("/", "").replace(" ", "-") for case in CASES])
 def test_qkv(benchmark, case, impl):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    fn = implementations(case, dtype)[impl]
-    fn()  # tunes and compiles outside the timing
-
-    def run():
-        fn()
-        if ON_GPU:
-            torch.cuda.synchronize()
-
-    benchmark.group = case[0]
-    benchmark(run)
+    run_benchmark(benchmark, implementations(case, dtype)[impl], case[0])
 
 
 if __name__ == "__main__":

@@ -138,3 +138,27 @@ def forget_triton_kernels(package: str) -> int:
                     break
                 obj = getattr(obj, "fn", None)
     return cleared
+
+
+def write_rows(path: str | os.PathLike[str], benchmark: str, rows: list[dict], **extra: object) -> None:
+    """The JSON every op benchmark writes: its name, the versions, its rows and anything extra."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, "versions": versions(), "rows": rows, **extra}, indent=2))
+    print(f"wrote {path}")
+
+
+def run_benchmark(benchmark, fn: Callable[[], object], group: str) -> None:
+    """pytest-benchmark timing of ``fn`` (device-synchronised), after one call that tunes and compiles."""
+    fn()
+
+    def run() -> None:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    benchmark.group = group
+    benchmark(run)

@@ -298,3 +298,48 @@ def accumulate_tile(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     return acc
+
+
+@triton.jit
+def gemm_tile(
+    x,  # (M, K) pointer, or its TMA descriptor when USE_TMA
+    w,  # (N, K) pointer, or its TMA descriptor when USE_TMA
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """This program's ``(pid_m, pid_n, acc)``: its tile in grouped order and the fp32 tile of ``x @ w^T``."""
+    pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if USE_TMA:
+        acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = accumulate_tile(
+            x,
+            w,
+            M,
+            N,
+            K,
+            stride_xm,
+            stride_xk,
+            stride_wn,
+            stride_wk,
+            pid_m,
+            pid_n,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+            IEEE_DOT,
+        )
+    return pid_m, pid_n, acc

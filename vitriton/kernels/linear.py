@@ -20,17 +20,15 @@ from transformers.activations import ACT2FN
 
 from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels._matmul import (
-    accumulate_tile,
-    accumulate_tile_tma,
     check_operands,
     dot_is_ieee,
     even_k,
+    gemm_tile,
     m_bucket,
     matmul_configs,
     matmul_grid,
     matmul_operands,
     prune_matmul_configs,
-    tile_coordinates,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -91,28 +89,24 @@ def _linear_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if USE_TMA:
-        acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        acc = accumulate_tile(
-            x,
-            w,
-            M,
-            N,
-            K,
-            stride_xm,
-            stride_xk,
-            stride_wn,
-            stride_wk,
-            pid_m,
-            pid_n,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            EVEN_K,
-            IEEE_DOT,
-        )
+    pid_m, pid_n, acc = gemm_tile(
+        x,
+        w,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        GROUP_M,
+        EVEN_K,
+        IEEE_DOT,
+        USE_TMA,
+    )
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:

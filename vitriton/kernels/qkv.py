@@ -26,17 +26,15 @@ import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels._matmul import (
-    accumulate_tile,
-    accumulate_tile_tma,
     check_operands,
     dot_is_ieee,
     even_k,
+    gemm_tile,
     m_bucket,
     matmul_configs,
     matmul_grid,
     matmul_operands,
     prune_matmul_configs,
-    tile_coordinates,
 )
 
 
@@ -90,28 +88,24 @@ def _qkv_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    pid_m, pid_n = tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    if USE_TMA:
-        acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        acc = accumulate_tile(
-            x,
-            w,
-            M,
-            N,
-            K,
-            stride_xm,
-            stride_xk,
-            stride_wn,
-            stride_wk,
-            pid_m,
-            pid_n,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            EVEN_K,
-            IEEE_DOT,
-        )
+    pid_m, pid_n, acc = gemm_tile(
+        x,
+        w,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        GROUP_M,
+        EVEN_K,
+        IEEE_DOT,
+        USE_TMA,
+    )
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
