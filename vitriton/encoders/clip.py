@@ -25,9 +25,8 @@ from vitriton.encoders.trunk import (
     TextTransformer,
     VisionModel,
     VisionTransformer,
-    projection,
 )
-from vitriton.parallel import Weights, join
+from vitriton.parallel import ReplicatedLinear, Weights, join
 
 
 class CLIPVisionEmbeddings(PatchEmbeddings):
@@ -105,8 +104,12 @@ class CLIPModel(DualEncoder):
     def __init__(self, prefix: str, config: CLIPConfig, weights: Weights):
         super().__init__(prefix, config, weights)
         text, vision, dim = config.text_config, config.vision_config, config.projection_dim
-        self.visual_projection = projection(join(prefix, "visual_projection"), weights, vision.hidden_size, dim, False)
-        self.text_projection = projection(join(prefix, "text_projection"), weights, text.hidden_size, dim, False)
+        self.visual_projection = ReplicatedLinear.load(
+            join(prefix, "visual_projection"), weights, in_features=vision.hidden_size, out_features=dim, bias=False
+        )
+        self.text_projection = ReplicatedLinear.load(
+            join(prefix, "text_projection"), weights, in_features=text.hidden_size, out_features=dim, bias=False
+        )
         self.logit_scale = nn.Parameter(weights.get_tensor(join(prefix, "logit_scale"), shape=()), requires_grad=False)
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:

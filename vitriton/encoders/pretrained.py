@@ -18,5 +18,4 @@ class PretrainedMixin:
         """
         from vitriton.loading import from_pretrained
 
-        model = from_pretrained(path, expect=cls, **kwargs)
-        return model
+        return from_pretrained(path, expect=cls, **kwargs)

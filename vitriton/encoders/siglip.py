@@ -26,10 +26,9 @@ from vitriton.encoders.trunk import (
     TextTransformer,
     VisionModel,
     VisionTransformer,
-    projection,
 )
 from vitriton.kernels import attention_reference, linear
-from vitriton.parallel import QKVParallelLinear, RowParallelLinear, Weights, join
+from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, join
 
 
 class SiglipVisionEmbeddings(PatchEmbeddings):
@@ -68,8 +67,8 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
         self.probe = nn.Parameter(weights.get_tensor(join(prefix, "probe"), shape=(1, 1, hidden)), requires_grad=False)
         in_proj = join(prefix, "attention.in_proj_weight")
         in_bias = join(prefix, "attention.in_proj_bias")
-        weights._check_shape(in_proj, (3 * hidden, hidden))
-        weights._check_shape(in_bias, (3 * hidden,))
+        weights.check_shape(in_proj, (3 * hidden, hidden))
+        weights.check_shape(in_bias, (3 * hidden,))
         # The probe is one query and the tokens give keys and values, so q and kv are separate projections.
         self.q_proj = QKVParallelLinear.load(
             [(in_proj, 0)], weights, hidden_size=hidden, num_heads=heads, bias_sources=[(in_bias, 0)]
@@ -126,7 +125,9 @@ class SiglipTextTransformer(TextTransformer):
     def __init__(self, prefix: str, config: SiglipTextConfig, weights: Weights):
         super().__init__(prefix, config, weights)
         out = getattr(config, "projection_size", None) or config.hidden_size
-        self.head = projection(join(prefix, "head"), weights, config.hidden_size, out, True)
+        self.head = ReplicatedLinear.load(
+            join(prefix, "head"), weights, in_features=config.hidden_size, out_features=out, bias=True
+        )
 
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The last position's state, padding or not (SigLIP is trained with max-length padding)."""

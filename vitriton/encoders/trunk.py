@@ -20,13 +20,15 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.encoders.pretrained import PretrainedMixin
-from vitriton.kernels import ACTIVATIONS, attention, layer_norm, linear
+from vitriton.kernels import attention, layer_norm
+from vitriton.kernels.linear import check_activation
 from vitriton.parallel import (
     ColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     Weights,
+    frozen,
     get_rank,
     get_world_size,
     join,
@@ -34,23 +36,13 @@ from vitriton.parallel import (
 from vitriton.parallel.group import ProcessGroup
 
 
-def _frozen(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor, requires_grad=False)
-
-
-def check_activation(config) -> str:
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected one of {ACTIVATIONS[1:]}")
-    return config.hidden_act
-
-
 class LayerNorm(nn.Module):
     """LayerNorm that optionally adds a residual first: ``forward(x, residual) -> (normed, x + residual)``."""
 
     def __init__(self, prefix: str, weights: Weights, hidden_size: int, eps: float):
         super().__init__()
-        self.weight = _frozen(weights.get_tensor(join(prefix, "weight"), shape=(hidden_size,)))
-        self.bias = _frozen(weights.get_tensor(join(prefix, "bias"), shape=(hidden_size,)))
+        self.weight = frozen(weights.get_tensor(join(prefix, "weight"), shape=(hidden_size,)))
+        self.bias = frozen(weights.get_tensor(join(prefix, "bias"), shape=(hidden_size,)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +82,8 @@ class MLP(nn.Module):
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
-        self.activation = check_activation(config)
+        check_activation(config.hidden_act)
+        self.activation = config.hidden_act
         hidden, inner = config.hidden_size, config.intermediate_size
         self.fc1 = ColumnParallelLinear.load(
             join(prefix, "fc1"), weights, in_features=hidden, out_features=inner, what="intermediate_size"
@@ -267,16 +260,16 @@ class PatchEmbeddings(nn.Module):
         hidden, patch, channels = config.hidden_size, config.patch_size, config.num_channels
         self.image_size, self.patch_size, self.num_channels = config.image_size, patch, channels
         self.class_embedding = (
-            _frozen(weights.get_tensor(join(prefix, "class_embedding"), shape=(hidden,))) if class_token else None
+            frozen(weights.get_tensor(join(prefix, "class_embedding"), shape=(hidden,))) if class_token else None
         )
-        self.patch_weight = _frozen(
+        self.patch_weight = frozen(
             weights.get_tensor(join(prefix, "patch_embedding.weight"), shape=(hidden, channels, patch, patch))
         )
         self.patch_bias = (
-            _frozen(weights.get_tensor(join(prefix, "patch_embedding.bias"), shape=(hidden,))) if conv_bias else None
+            frozen(weights.get_tensor(join(prefix, "patch_embedding.bias"), shape=(hidden,))) if conv_bias else None
         )
         positions = (config.image_size // patch) ** 2 + (1 if class_token else 0)
-        self.position_embedding = _frozen(
+        self.position_embedding = frozen(
             weights.get_tensor(join(prefix, "position_embedding.weight"), shape=(positions, hidden))
         )
 
@@ -332,7 +325,7 @@ class TextEmbeddings(nn.Module):
         self.token_embedding = VocabParallelEmbedding.load(
             join(prefix, "token_embedding"), weights, vocab_size=config.vocab_size, hidden_size=config.hidden_size
         )
-        self.position_embedding = _frozen(
+        self.position_embedding = frozen(
             weights.get_tensor(
                 join(prefix, "position_embedding.weight"), shape=(config.max_position_embeddings, config.hidden_size)
             )
@@ -362,24 +355,6 @@ class TextEmbeddings(nn.Module):
         if position_ids is None:
             return tokens + self.position_embedding[: input_ids.shape[-1]]
         return tokens + F.embedding(position_ids, self.position_embedding)
-
-
-def projection(prefix: str, weights: Weights, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """A small replicated linear (projections, SigLIP's text head) run through the linear kernel."""
-    return ReplicatedLinear(
-        weights.get_tensor(join(prefix, "weight"), shape=(out_features, in_features)),
-        weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None,
-    )
-
-
-class ReplicatedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = _frozen(weight)
-        self.bias = None if bias is None else _frozen(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class VisionTransformer(Tower):

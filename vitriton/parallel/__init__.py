@@ -12,9 +12,11 @@ from vitriton.parallel.group import (
 from vitriton.parallel.layers import (
     ColumnParallelLinear,
     QKVParallelLinear,
+    ReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     all_reduce,
+    frozen,
 )
 from vitriton.parallel.weights import CheckpointError, Weights, checkpoint_files, join
 
@@ -22,11 +24,13 @@ __all__ = [
     "CheckpointError",
     "ColumnParallelLinear",
     "QKVParallelLinear",
+    "ReplicatedLinear",
     "RowParallelLinear",
     "Shard",
     "VocabParallelEmbedding",
     "Weights",
     "all_reduce",
+    "frozen",
     "ceil_shard",
     "checkpoint_files",
     "default_group",

@@ -19,7 +19,8 @@ from vitriton.parallel.group import ProcessGroup, Shard, ceil_shard, even_shard,
 from vitriton.parallel.weights import Weights, join
 
 
-def _frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """An inference-only parameter (no grad), or None."""
     return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
 
 
@@ -29,17 +30,28 @@ def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor
     return tensor
 
 
-class _ShardedLinear(nn.Module):
-    """A rank's block of an nn.Linear: ``weight`` (rows or columns of the full one) and ``bias``."""
+class ReplicatedLinear(nn.Module):
+    """A whole nn.Linear on every rank (projections, heads): ``act(x @ W^T + b)`` through the linear kernel."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, process_group: ProcessGroup | None = None):
         super().__init__()
-        self.weight = _frozen(weight)
-        self.bias = _frozen(bias)
+        self.weight = frozen(weight)
+        self.bias = frozen(bias)
         self.process_group = process_group
 
+    @classmethod
+    def load(
+        cls, prefix: str, weights: Weights, *, in_features: int, out_features: int, bias: bool = True
+    ) -> ReplicatedLinear:
+        weight = weights.get_tensor(join(prefix, "weight"), shape=(out_features, in_features))
+        b = weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None
+        return cls(weight, b)
 
-class ColumnParallelLinear(_ShardedLinear):
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, activation)
+
+
+class ColumnParallelLinear(ReplicatedLinear):
     """``y_local = act(x @ W_local^T + b_local)``: this rank's block of output features; no communication."""
 
     @classmethod
@@ -60,11 +72,8 @@ class ColumnParallelLinear(_ShardedLinear):
         b = weights.get_sharded(join(prefix, "bias"), 0, shard, shape=(out_features,)) if bias else None
         return cls(weight, b, weights.process_group)
 
-    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, activation)
 
-
-class RowParallelLinear(_ShardedLinear):
+class RowParallelLinear(ReplicatedLinear):
     """``y = all_reduce(x_local @ W_local^T) + b``: this rank's block of input features, one all-reduce.
 
     The bias joins the GEMM epilogue on rank 0 only, so the reduced sum holds it exactly once.
@@ -100,8 +109,8 @@ class QKVParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, head_dim: int):
         super().__init__()
-        self.weight = _frozen(weight)
-        self.bias = _frozen(bias)
+        self.weight = frozen(weight)
+        self.bias = frozen(bias)
         self.num_heads = num_heads
         self.head_dim = head_dim
 
@@ -124,7 +133,7 @@ class QKVParallelLinear(nn.Module):
         parts, bias_parts = [], []
         for name, row in sources:
             rows = weights.shape(name)[0]
-            weights._check_shape(name, (rows, hidden_size))
+            weights.check_shape(name, (rows, hidden_size))
             parts.append(weights.get_slice(name, 0, row + shard.start, row + shard.stop))
         for name, row in bias_sources or ():
             bias_parts.append(weights.get_slice(name, 0, row + shard.start, row + shard.stop))
@@ -139,7 +148,7 @@ class QKVParallelLinear(nn.Module):
         """From transformers' ``{prefix}.q_proj``, ``k_proj``, ``v_proj`` linears."""
         names = [join(prefix, f"{p}_proj") for p in "qkv"]
         for name in names:
-            weights._check_shape(join(name, "weight"), (hidden_size, hidden_size))
+            weights.check_shape(join(name, "weight"), (hidden_size, hidden_size))
         return cls.load(
             [(join(n, "weight"), 0) for n in names],
             weights,
@@ -158,7 +167,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor, shard: Shard, process_group: ProcessGroup | None = None):
         super().__init__()
-        self.weight = _frozen(weight)
+        self.weight = frozen(weight)
         self.shard = shard
         self.process_group = process_group
 

@@ -143,7 +143,7 @@ class Weights:
             return tuple(self._state_dict[name].shape)
         return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
 
-    def _check_shape(self, name: str, expected: Sequence[int] | None) -> tuple[int, ...]:
+    def check_shape(self, name: str, expected: Sequence[int] | None) -> tuple[int, ...]:
         actual = self.shape(name)
         if expected is not None and tuple(actual) != tuple(expected):
             raise CheckpointError(
@@ -157,14 +157,14 @@ class Weights:
 
     def get_tensor(self, name: str, shape: Sequence[int] | None = None) -> torch.Tensor:
         """The whole tensor; ``shape``, when given, is checked against the checkpoint first."""
-        self._check_shape(name, shape)
+        self.check_shape(name, shape)
         if self._state_dict is not None:
             return self._finish(self._state_dict[name].detach())
         return self._finish(self._open(self._file_of[name]).get_tensor(name))
 
     def get_slice(self, name: str, dim: int, start: int, stop: int, shape: Sequence[int] | None = None) -> torch.Tensor:
         """``tensor[..., start:stop, ...]`` along ``dim``, read without loading the rest."""
-        full = self._check_shape(name, shape)
+        full = self.check_shape(name, shape)
         if not 0 <= start <= stop <= full[dim]:
             raise CheckpointError(f"slice [{start}:{stop}] of dim {dim} is outside tensor {name!r} of shape {full}")
         if self._state_dict is not None:
