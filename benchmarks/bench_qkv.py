@@ -57,14 +57,13 @@ def implementations(case, dtype: torch.dtype) -> dict[str, object]:
     x = torch.randn(batch, seq, hidden, generator=generator, device=device).to(dtype)
     w = (torch.randn(n, hidden, generator=generator, device=device) / hidden**0.5).to(dtype)
     b = torch.randn(n, generator=generator, device=device).to(dtype)
-    scale = head_dim**-0.5
 
     def gemm_split():
         packed = F.linear(x, w, b).view(batch, seq, 3, heads, head_dim)
         return packed.permute(2, 0, 3, 1, 4).contiguous()
 
     return {
-        "ours": lambda: qkv_projection(x, w, b, heads, q_scale=scale),
+        "ours": lambda: qkv_projection(x, w, b, heads),
         "gemm": lambda: F.linear(x, w, b),
         "gemm+split": gemm_split,
     }

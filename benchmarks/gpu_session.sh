@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/results/<gpu>/: `bash benchmarks/gpu_session.sh kernels|report OUTDIR`.
-# kernels: GPU kernel tests, the GEMM sweep and the per-op benchmarks; report: the encoder report (make bench).
+# kernels: GPU kernel tests, the GEMM sweep and the per-op benchmarks; report: the encoder report (make bench);
+# launch: GPU kernel tests, host cost per op call, and batch-1 latency against transformers and torch.compile.
 set -uo pipefail
 stage=${1:?kernels or report}
 out=${2:?output directory}
@@ -23,5 +24,14 @@ kernels)
     ;;
 report)
     run report 560 python3 -m benchmarks.report --out "$out"
+    ;;
+launch)
+    run gpu_kernel_tests 300 python3 -m pytest tests/kernels -m gpu -q -x -p no:cacheprovider
+    run bench_launch 60 python3 benchmarks/bench_launch.py --json "$out/bench_launch.json"
+    run b1 220 python3 -m benchmarks.report --batch-sizes 1 --providers vitriton vitriton-graphs hf-sdpa \
+        --skip-compile --out "$out/b1"
+    tail -3 "$out/gpu_kernel_tests.log"
+    tail -12 "$out/bench_launch.log"
+    grep -A 12 "b1\|latency" "$out/b1.log" | tail -30
     ;;
 esac

@@ -308,6 +308,17 @@ def build_hf_compile(ctx: BuildContext) -> Encoder:
     return torch.compile(_hf_model(ctx, "sdpa"), dynamic=ctx.compile_dynamic, mode=ctx.compile_mode)
 
 
+def _hf_compile_mode(mode: str) -> Callable[[BuildContext], Encoder]:
+    def build(ctx: BuildContext) -> Encoder:
+        return torch.compile(_hf_model(ctx, "sdpa"), dynamic=ctx.compile_dynamic, mode=mode)
+
+    return build
+
+
+def build_vitriton_compile(ctx: BuildContext) -> Encoder:
+    return torch.compile(_vitriton_model(ctx), fullgraph=True, dynamic=ctx.compile_dynamic)
+
+
 PROVIDERS: dict[str, Provider] = {
     provider.name: provider
     for provider in (
@@ -321,8 +332,14 @@ PROVIDERS: dict[str, Provider] = {
                  _transformers(lambda ctx: _hf_model(ctx, "eager"))),
         Provider("hf-sdpa", "transformers, attn_implementation='sdpa'",
                  _transformers(lambda ctx: _hf_model(ctx, "sdpa"))),
+        Provider("vitriton-compile", "torch.compile(fullgraph=True) of vitriton", build_vitriton_compile,
+                 uses_vitriton=True, needs_cuda=True, compiles=True),
         Provider("hf-compile", "torch.compile of transformers sdpa", _transformers(build_hf_compile),
                  compiles=True),
+        Provider("hf-compile-ro", "torch.compile(mode='reduce-overhead') of transformers sdpa",
+                 _transformers(_hf_compile_mode("reduce-overhead")), needs_cuda=True, compiles=True),
+        Provider("hf-compile-max", "torch.compile(mode='max-autotune-no-cudagraphs') of transformers sdpa",
+                 _transformers(_hf_compile_mode("max-autotune-no-cudagraphs")), needs_cuda=True, compiles=True),
     )
 }  # fmt: skip
 

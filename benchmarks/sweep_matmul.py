@@ -32,13 +32,10 @@ import triton.testing  # noqa: E402
 from benchmarks.common import gpu_name, relative_error, versions  # noqa: E402
 from vitriton.kernels._matmul import (  # noqa: E402
     SMALL_M,
-    m_bucket,
-    matmul_grid,
-    matmul_operands,
     set_descriptor_blocks,
 )
-from vitriton.kernels.linear import _linear_kernel, linear_reference  # noqa: E402
-from vitriton.kernels.qkv import _qkv_kernel, qkv_projection_reference, store_vector_width  # noqa: E402
+from vitriton.kernels.linear import linear_reference, linear_triton  # noqa: E402
+from vitriton.kernels.qkv import qkv_projection_reference, qkv_projection_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
@@ -101,69 +98,29 @@ def make_case(case, dtype: torch.dtype):
         out = torch.empty(3, batch, heads, seq, head_dim, dtype=dtype, device=device)
         reference = torch.stack(qkv_projection_reference(x, w, b, heads))
 
-        def launch(x_operand, w_operand, use_tma, meta):
-            _qkv_kernel.fn[matmul_grid(m, n)](
-                x_operand,
-                w_operand,
-                b,
-                out,
-                m,
-                n,
-                k,
-                m_bucket(m),
-                seq,
-                1.0,
-                x2d.stride(0),
-                x2d.stride(1),
-                w.stride(0),
-                w.stride(1),
-                HEADS=heads,
-                HEAD_DIM=head_dim,
-                HAS_BIAS=True,
-                IEEE_DOT=False,
-                VEC=store_vector_width(head_dim),
-                USE_TMA=use_tma,
-                **meta,
-            )
+        def launch(config: triton.Config, tma: bool) -> None:
+            qkv_projection_triton(x, w, b, heads, out=out, tma=tma, config=config)
     else:
         out = torch.empty(m, n, dtype=dtype, device=device)
         reference = linear_reference(x2d, w, b, epilogue)
 
-        def launch(x_operand, w_operand, use_tma, meta):
-            _linear_kernel.fn[matmul_grid(m, n)](
-                x_operand,
-                w_operand,
-                b,
-                None,
-                out,
-                m,
-                n,
-                k,
-                m_bucket(m),
-                x2d.stride(0),
-                x2d.stride(1),
-                w.stride(0),
-                w.stride(1),
-                0,
-                0,
-                out.stride(0),
-                out.stride(1),
-                ACTIVATION=epilogue or "none",
-                HAS_BIAS=True,
-                HAS_RESIDUAL=False,
-                IEEE_DOT=False,
-                USE_TMA=use_tma,
-                **meta,
-            )
+        def launch(config: triton.Config, tma: bool) -> None:
+            linear_triton(x2d, w, b, epilogue, out=out, tma=tma, config=config)
+
+    configs: dict[tuple[int, ...], triton.Config] = {}
 
     def run(config: tuple[int, ...], tma: bool, poison: bool = False):
         if poison:  # so an element the config leaves unwritten fails the check
             out.fill_(float("nan"))
-        block_m, block_n, block_k, warps, stages = config
-        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
-        x_operand, w_operand, use_tma = matmul_operands(x2d, w, tma)
-        set_descriptor_blocks({"x": x_operand, "w": w_operand, **meta})
-        launch(x_operand, w_operand, use_tma, {**meta, "num_warps": warps, "num_stages": stages})
+        if config not in configs:  # one Config object per tuple, so the launchers' plans are found again
+            block_m, block_n, block_k, warps, stages = config
+            configs[config] = triton.Config(
+                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                num_warps=warps,
+                num_stages=stages,
+                pre_hook=set_descriptor_blocks,
+            )
+        launch(configs[config], tma)
         return out
 
     return m, n, k, reference, (lambda: F.linear(x2d, w, b)), run

@@ -36,3 +36,10 @@ def assert_lowp_bound(out: torch.Tensor, ref_fp32: torch.Tensor, eager_lowp: tor
     ours = (out.double() - ref).abs().max().item()
     theirs = (eager_lowp.double() - ref).abs().max().item()
     assert ours <= 2 * theirs + atol, f"max error {ours:.3e} exceeds 2 * {theirs:.3e} + {atol:.1e}"
+
+
+def triton_calls() -> dict[str, int]:
+    """Calls that reached each op's Triton launcher (plan built or plan hit): the kernels' own observable."""
+    from vitriton.kernels import attention, layernorm, linear, qkv
+
+    return {m.PLANS.name: m.PLANS.builds + m.PLANS.hits for m in (attention, layernorm, linear, qkv)}

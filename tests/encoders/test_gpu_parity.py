@@ -17,8 +17,7 @@ from transformers import (
 )
 
 import vitriton
-from tests.helpers import relative_error
-from vitriton.kernels import use_triton
+from tests.helpers import relative_error, triton_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -111,8 +110,10 @@ def test_full_size_parity(name, dtype):
     hf_low = hf32.to(dtype)
     low_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     theirs = hf_low(**low_inputs)
+    before = triton_calls()
     out = ours(**low_inputs)
-    assert use_triton(out.last_hidden_state)
+    after = triton_calls()
+    assert all(after[op] > before[op] for op in ("attention", "layer_norm", "qkv_projection")), (before, after)
     for field in ("last_hidden_state", "pooler_output"):
         reference = getattr(ref, field).float()
         if "attention_mask" in inputs and field == "last_hidden_state":

@@ -27,7 +27,8 @@ from vitriton.encoders.trunk import (
     VisionModel,
     VisionTransformer,
 )
-from vitriton.kernels import attention_reference, linear
+from vitriton.kernels.attention import attention_reference
+from vitriton.kernels.linear import linear
 from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, join
 
 

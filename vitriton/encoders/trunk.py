@@ -20,7 +20,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.encoders.pretrained import PretrainedMixin
-from vitriton.kernels import attention, layer_norm
+from vitriton.kernels.attention import attention
+from vitriton.kernels.layernorm import layer_norm
 from vitriton.kernels.linear import check_activation
 from vitriton.parallel import (
     ColumnParallelLinear,

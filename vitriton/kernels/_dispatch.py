@@ -22,8 +22,12 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+# Read once: triton reads it when it is first imported, so a later change would not take effect anyway.
+_INTERPRETING = _env_flag("TRITON_INTERPRET")
+
+
 def interpreting() -> bool:
-    return _env_flag("TRITON_INTERPRET")
+    return _INTERPRETING
 
 
 @contextlib.contextmanager
@@ -37,17 +41,16 @@ def eager_mode(enabled: bool = True) -> Iterator[None]:
         _state.eager = previous
 
 
-def use_triton(*tensors: torch.Tensor | None, eager: bool | None = None) -> bool:
-    """True when the op should run its Triton kernel on these tensors."""
+def use_triton(x: torch.Tensor, eager: bool | None = None) -> bool:
+    """True when an op whose first operand is ``x`` should run its Triton kernel.
+
+    The op's other operands are checked against ``x`` when its launch plan is built; a mismatch (another
+    device, another dtype) raises there rather than silently running eager.
+    """
     if eager is None:
         eager = getattr(_state, "eager", None)
-    if eager is None:
-        eager = _env_flag("VITRITON_EAGER")
+        if eager is None:
+            eager = _env_flag("VITRITON_EAGER")
     if eager:
         return False
-    devices = {t.device.type for t in tensors if t is not None}
-    if devices == {"cuda"}:
-        return True
-    if devices == {"cpu"}:
-        return interpreting()
-    return False
+    return x.is_cuda or (_INTERPRETING and x.device.type == "cpu")

@@ -181,6 +181,26 @@ def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> 
     return x_desc, w_desc, True
 
 
+def rows_view(x: torch.Tensor, m: int, k: int) -> torch.Tensor | None:
+    """x as (m, k) rows without a copy, or None when its leading dims do not flatten to one row stride."""
+    try:
+        return x.view(m, k)
+    except RuntimeError:
+        return None
+
+
+def x_descriptor(x2d: torch.Tensor, template: Any) -> Any:
+    """``template`` (the TMA descriptor a plan was built with) over ``x2d``'s memory.
+
+    The plan's signature fixes shape, strides, dtype and alignment, which TensorDescriptor's constructor
+    re-validates in Python on every call; a copy of the validated template with the new base skips that.
+    """
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.__dict__.update(template.__dict__)
+    descriptor.base = x2d
+    return descriptor
+
+
 def last_config(kernel: triton.runtime.Autotuner) -> str:
     """The config an autotuned GEMM kernel ran last, as "256x128x64 w8 s3", for benchmark tables."""
     config = getattr(kernel, "best_config", None)

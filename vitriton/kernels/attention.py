@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting, use_triton
+from vitriton.kernels._launch import PlanCache, first_launch
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -443,11 +444,6 @@ def query_tiles(seq: int, block_m: int, split_tail: bool = True) -> tuple[int, i
     return triton.cdiv(seq, block_m), 0
 
 
-def _computed_rows(seq: int, block_m: int) -> int:
-    full_tiles, tail_m = query_tiles(seq, block_m)
-    return full_tiles * block_m + tail_m
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -506,6 +502,15 @@ def _fits_int32(tensor: torch.Tensor, block: int) -> bool:
     return (seq + block) * tensor.stride(-2) + head_dim * tensor.stride(-1) < _INT32_LIMIT
 
 
+_RUNTIME_ARGS = (
+    "q_ptr", "k_ptr", "v_ptr", "o_ptr", "keep_ptr",
+    "stride_qb", "stride_qh", "stride_qs", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
+    "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_ob", "stride_os", "stride_oc", "stride_mb",
+    "stride_mk", "heads", "seq", "full_tiles", "qk_scale",
+)  # fmt: skip
+PLANS = PlanCache("attention")
+
+
 def attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -518,6 +523,26 @@ def attention_triton(
     config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Launches the Triton kernel; same contract as :func:`attention`, writing into ``out`` when given."""
+    mask = key_padding_mask
+    key = (
+        q.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+        q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+        None if mask is None else (mask.shape, mask.stride(), mask.dtype, mask.device, mask.data_ptr() % 16),
+        None if out is None else (out.shape, out.stride(), out.dtype, out.device, out.data_ptr() % 16),
+        scale, causal, config,
+    )  # fmt: skip
+    entry = PLANS.get(key)
+    if entry is None:
+        return _plan_attention(key, q, k, v, scale, causal, mask, out, config)
+    plan, out_shape, static = entry
+    if out is None:
+        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    keep = q if mask is None else (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
+    plan.launch(q.device.index, q, k, v, out, keep, *static)
+    return out
+
+
+def _plan_attention(key, q, k, v, scale, causal, key_padding_mask, out, config) -> torch.Tensor:
     check_attention_shapes(q, k, v, key_padding_mask)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"q has dtype {q.dtype}; expected float32, float16 or bfloat16")
@@ -529,9 +554,9 @@ def attention_triton(
     batch, heads, seq, head_dim = q.shape
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim is {head_dim}; the Triton kernel supports up to {MAX_HEAD_DIM} (pass eager=True)")
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale is {scale}; expected a positive finite number")
+    softmax_scale = head_dim**-0.5 if scale is None else float(scale)
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"scale is {softmax_scale}; expected a positive finite number")
     out_shape = (batch, seq, heads * head_dim)
     if out is None:
         out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -546,7 +571,12 @@ def attention_triton(
 
     config = config or pick_config(head_dim, seq, batch * heads, q.dtype, _sm_count(q.device))
     block = max(config.block_m, config.block_n)
-    q, k, v = (t if _fits_int32(t, block) else t.contiguous() for t in (q, k, v))
+    if not all(_fits_int32(t, block) for t in (q, k, v)):
+        # A (batch, head) slice whose offsets pass 32 bits: copy once, and plan the copies' layout.
+        q, k, v = (t if _fits_int32(t, block) else t.contiguous() for t in (q, k, v))
+        return attention_triton(
+            q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, out=out, config=config
+        )
 
     d0, d1, d2 = head_dim_chunks(head_dim)
     full_tiles, tail_m = query_tiles(seq, config.block_m, config.split_tail)
@@ -563,21 +593,27 @@ def attention_triton(
     else:
         keep, stride_mb, stride_mk = q, 0, 0
 
+    static = (
+        *q.stride(), *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(2),
+        stride_mb, stride_mk, heads, seq, full_tiles, softmax_scale * LOG2E,
+    )  # fmt: skip
     align = min(_row_alignment(t) for t in (q, k, v))
-    o_align = _row_alignment(out, extra=head_dim)
     device_guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
     with device_guard:
-        _attention_fwd_kernel[(programs,)](
-            q, k, v, out, keep,
-            *q.stride(), *k.stride(), *v.stride(), out.stride(0), out.stride(1), out.stride(2),
-            stride_mb, stride_mk,
-            heads, seq, full_tiles, scale * LOG2E,
-            HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2,
-            BLOCK_M=config.block_m, TAIL_M=tail_m, BLOCK_N=config.block_n, TAIL_N=tail_n,
-            ALIGN=align, O_ALIGN=o_align, CAUSAL=causal, HAS_MASK=key_padding_mask is not None,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
+        plan = first_launch(
+            _attention_fwd_kernel,
+            (programs,),
+            _RUNTIME_ARGS,
+            (q, k, v, out, keep, *static),
+            dict(
+                HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2,
+                BLOCK_M=config.block_m, TAIL_M=tail_m, BLOCK_N=config.block_n, TAIL_N=tail_n,
+                ALIGN=align, O_ALIGN=_row_alignment(out, extra=head_dim), CAUSAL=causal,
+                HAS_MASK=key_padding_mask is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            ),
         )  # fmt: skip
+    PLANS.add(key, (plan, out_shape, static))
     return out
 
 
@@ -620,10 +656,11 @@ def attention(
 
     Rows with no key to attend to give zeros.
     """
-    check_attention_shapes(q, k, v, key_padding_mask)
-    if use_triton(q, k, v, key_padding_mask, eager=eager):
-        return torch.ops.vitriton.attention(q, k, v, key_padding_mask, scale, causal)
-    return attention_reference(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    if not use_triton(q, eager):
+        return attention_reference(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, key_padding_mask, scale, causal)
+    return attention_triton(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
 
 
 def attention_reference(

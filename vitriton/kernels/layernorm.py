@@ -15,6 +15,9 @@ each input and no second pass, at the cost of idle lanes when N is just past a p
 reference. Narrow rows are grouped several to a program so that each program moves enough bytes to
 hide memory latency. Non-contiguous inputs are copied once to a row-major layout; a view whose rows are
 strided but whose last dimension is contiguous is read in place. Inference only: no backward is registered.
+
+Launch cost: a launch plan per signature (``_launch.py``) holds the tile, the grid and the compiled kernel, so a
+steady-state call looks it up, allocates its outputs and launches.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
+from vitriton.kernels._launch import PlanCache, first_launch
 
 # Widest row the fused kernel takes: beyond this a whole row no longer fits a program's registers.
 MAX_FUSED_N = 32768
@@ -91,12 +95,6 @@ def layer_norm_config(n_cols: int, element_size: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with a unit column stride; a view when the layout allows it, else one copy."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 or rows.shape[0] == 0 else rows.contiguous()
-
-
 def check_layer_norm_inputs(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
 ) -> None:
@@ -111,6 +109,26 @@ def check_layer_norm_inputs(
         raise ValueError(
             f"residual is {tuple(residual.shape)} {residual.dtype}; expected x's {tuple(x.shape)} {x.dtype}"
         )
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    devices = {t.device for t in (x, weight, bias, residual) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"x, weight, bias and residual are on {sorted(map(str, devices))}; expected one device")
+
+
+def check_buffer(name: str, buffer: torch.Tensor, x: torch.Tensor) -> None:
+    if buffer.shape != x.shape or buffer.dtype != x.dtype or not buffer.is_contiguous():
+        raise ValueError(
+            f"{name} is {tuple(buffer.shape)} {buffer.dtype}, contiguous={buffer.is_contiguous()}; "
+            f"expected a contiguous {tuple(x.shape)} {x.dtype} buffer"
+        )
+
+
+_RUNTIME_ARGS = (
+    "x_ptr", "residual_ptr", "weight_ptr", "bias_ptr", "out_ptr", "residual_out_ptr",
+    "stride_x_row", "stride_residual_row", "stride_out_row", "stride_residual_out_row", "M", "N", "eps",
+)  # fmt: skip
+PLANS = PlanCache("layer_norm")
 
 
 def layer_norm_triton(
@@ -130,57 +148,100 @@ def layer_norm_triton(
     ``out`` / ``residual_out``: optional contiguous buffers of x's shape and dtype to write into (tests
     poison them). ``block_m`` / ``num_warps`` override :func:`layer_norm_config` (benchmark sweeps).
     """
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
+        None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.data_ptr() % 16),
+        weight.shape, weight.stride(), weight.dtype, weight.data_ptr(),
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr()),
+        eps, block_m, num_warps,
+    )  # fmt: skip
+    entry = PLANS.get(key)
+    if entry is None:
+        return _plan_layer_norm(key, x, weight, bias, eps, residual, out, residual_out, block_m, num_warps)
+    plan, rows, static = entry
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        check_buffer("out", out, x)
+    x_rows = x.view(rows)
+    if residual is None:
+        plan.launch(x.device.index, x_rows, x_rows, weight, weight if bias is None else bias, out, out, *static)
+        return out, None
+    if residual_out is None:
+        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        check_buffer("residual_out", residual_out, x)
+    residual_rows = residual.view(rows)
+    plan.launch(
+        x.device.index, x_rows, residual_rows, weight, weight if bias is None else bias, out, residual_out, *static
+    )
+    return out, residual_out
+
+
+def _plan_layer_norm(key, x, weight, bias, eps, residual, out, residual_out, block_m, num_warps):
     check_layer_norm_inputs(x, weight, bias, residual)
     n_cols = x.shape[-1]
     if n_cols > MAX_FUSED_N:
         raise ValueError(f"layer_norm_triton takes rows of at most {MAX_FUSED_N} elements; got {n_cols}")
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if residual is not None and residual_out is None:
-        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    for name, buffer in (("out", out), ("residual_out", residual_out)):
-        if buffer is not None and (buffer.shape != x.shape or buffer.dtype != x.dtype or not buffer.is_contiguous()):
-            raise ValueError(
-                f"{name} is {tuple(buffer.shape)} {buffer.dtype}, contiguous={buffer.is_contiguous()}; "
-                f"expected a contiguous {tuple(x.shape)} {x.dtype} buffer"
-            )
-    if residual is None:
+    check_buffer("out", out, x)
+    if residual is not None:
+        if residual_out is None:
+            residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        check_buffer("residual_out", residual_out, x)
+    else:
         residual_out = None
-
-    x_rows = _flatten_rows(x)
-    n_rows = x_rows.shape[0]
+    n_rows = x.numel() // n_cols if n_cols else 0
     if n_rows == 0 or n_cols == 0:
         return out, residual_out
-    residual_rows = _flatten_rows(residual) if residual is not None else x_rows
-    weight = weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    out_rows = out.view(n_rows, n_cols)
-    residual_out_rows = residual_out.view(n_rows, n_cols) if residual_out is not None else out_rows
-
+    rows = (n_rows, n_cols)
+    views = [rows_view(t, rows) for t in (x, residual) if t is not None]
+    if any(v is None for v in views) or weight.stride(0) != 1 or (bias is not None and bias.stride(0) != 1):
+        # Rows that do not flatten to one unit-column-stride layout: copy once, and plan the copy's layout.
+        layer_norm_triton(
+            x.contiguous(),
+            weight.contiguous(),
+            None if bias is None else bias.contiguous(),
+            eps,
+            None if residual is None else residual.contiguous(),
+            out=out,
+            residual_out=residual_out,
+            block_m=block_m,
+            num_warps=num_warps,
+        )
+        return out, residual_out
+    x_rows = views[0]
+    residual_rows = views[1] if residual is not None else x_rows
+    out_rows = out.view(rows)
+    residual_out_rows = residual_out.view(rows) if residual_out is not None else out_rows
     default_block_m, block_n, default_num_warps = layer_norm_config(n_cols, x.element_size())
     block_m = block_m or default_block_m
-    num_warps = num_warps or default_num_warps
-    _add_layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x_rows,
-        residual_rows,
-        weight,
-        bias if bias is not None else weight,
-        out_rows,
-        residual_out_rows,
-        x_rows.stride(0),
-        residual_rows.stride(0),
-        out_rows.stride(0),
-        residual_out_rows.stride(0),
-        n_rows,
-        n_cols,
-        eps,
-        HAS_RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
+    static = (x_rows.stride(0), residual_rows.stride(0), n_cols, n_cols, n_rows, n_cols, eps)
+    plan = first_launch(
+        _add_layer_norm_fwd_kernel,
+        (triton.cdiv(n_rows, block_m),),
+        _RUNTIME_ARGS,
+        (x_rows, residual_rows, weight, weight if bias is None else bias, out_rows, residual_out_rows, *static),
+        dict(
+            HAS_RESIDUAL=residual is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=num_warps or default_num_warps,
+        ),
     )
+    PLANS.add(key, (plan, rows, static))
     return out, residual_out
+
+
+def rows_view(t: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor | None:
+    """``t`` as (M, N) rows with a unit column stride, without a copy; None when its layout does not allow it."""
+    try:
+        view = t.view(rows)
+    except RuntimeError:
+        return None
+    return view if view.stride(1) == 1 else None
 
 
 # Two ops, because a custom op may not return one of its inputs: without a residual, residual_out is x
@@ -220,12 +281,14 @@ def layer_norm(
     eager: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, residual_out)``; with ``residual=None``, ``residual_out`` is ``x`` itself."""
-    check_layer_norm_inputs(x, weight, bias, residual)
-    if use_triton(x, weight, bias, residual, eager=eager) and 0 < x.shape[-1] <= MAX_FUSED_N:
+    if not use_triton(x, eager) or not 0 < x.shape[-1] <= MAX_FUSED_N:
+        return layer_norm_reference(x, weight, bias, eps, residual)
+    if torch.compiler.is_compiling():
         if residual is None:
-            return torch.ops.vitriton.layer_norm(x, weight, bias, eps), x
-        return torch.ops.vitriton.add_layer_norm(x, residual, weight, bias, eps)
-    return layer_norm_reference(x, weight, bias, eps, residual)
+            return _layer_norm_op(x, weight, bias, eps), x
+        return _add_layer_norm_op(x, residual, weight, bias, eps)
+    out, residual_out = layer_norm_triton(x, weight, bias, eps, residual)
+    return out, x if residual_out is None else residual_out
 
 
 def layer_norm_reference(

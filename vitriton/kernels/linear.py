@@ -1,13 +1,16 @@
-"""Linear layer with bias, activation and residual add fused into one pass: ``act(x @ W^T + b) + residual``.
+"""Linear layer with bias and activation fused into one pass: ``act(x @ W^T + b)``.
 
-One tiled GEMM (the main loop in ``_matmul.py``) whose epilogue adds the bias, applies the activation and adds
-the residual in fp32 on the accumulator before the single rounding store. Eager runs these as up to four
-kernels (quick_gelu alone is three), each a full read and write of the (M, N) output; fused they cost nothing
-but the residual's read.
+One tiled GEMM (the main loop in ``_matmul.py``) whose epilogue adds the bias and applies the activation in fp32
+on the accumulator before the single rounding store. Eager runs these as up to four kernels (quick_gelu alone is
+three), each a full read and write of the (M, N) output; fused they cost nothing.
 
-The activations follow transformers' ACT2FN: quick_gelu ``x * sigmoid(1.702 x)``; gelu the exact erf form;
-gelu_pytorch_tanh the tanh approximation, computed as ``x * sigmoid(2u)``, which equals
-``0.5 x (1 + tanh(u))`` and needs no tanh instruction.
+The activations are transformers' (ACT2FN): quick_gelu ``x * sigmoid(1.702 x)``; gelu the exact erf form;
+gelu_pytorch_tanh the tanh approximation, computed as ``x * sigmoid(2u)``, which equals ``0.5 x (1 + tanh(u))``
+and needs no tanh instruction.
+
+Launch cost: the first call of a signature (shapes, strides, dtypes, alignment, weight, activation) validates
+the operands, autotunes and records a launch plan (``_launch.py``) holding the config, the grid, the compiled
+kernel and the weight's TMA descriptor; later calls look the plan up and launch.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from transformers.activations import ACT2FN
 
 from vitriton.kernels._dispatch import use_triton
+from vitriton.kernels._launch import PlanCache, first_launch
 from vitriton.kernels._matmul import (
     check_operands,
     dot_is_ieee,
@@ -29,6 +32,8 @@ from vitriton.kernels._matmul import (
     matmul_grid,
     matmul_operands,
     prune_matmul_configs,
+    rows_view,
+    x_descriptor,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -64,7 +69,6 @@ def _linear_kernel(
     x,  # (M, K); a TMA descriptor when USE_TMA, else a pointer
     w,  # (N, K); as x
     bias_ptr,  # (N,) contiguous; None without bias
-    residual_ptr,  # (M, N); None without residual
     out_ptr,  # (M, N)
     M,
     N,
@@ -74,13 +78,10 @@ def _linear_kernel(
     stride_xk,
     stride_wn,
     stride_wk,
-    stride_rm,
-    stride_rn,
     stride_om,
     stride_on,
     ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -113,11 +114,15 @@ def _linear_kernel(
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     acc = activate(acc, ACTIVATION)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask)
-        acc += residual.to(tl.float32)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_RUNTIME_ARGS = (
+    "x", "w", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
+    "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on",
+)  # fmt: skip
+PLANS = PlanCache("linear")
 
 
 def linear_triton(
@@ -125,75 +130,84 @@ def linear_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
-    residual: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
     tma: bool | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Launches the fused kernel; ``out``, when given, is a (..., N) buffer the result is written into.
 
-    x keeps its strides when its leading dims flatten to a view; otherwise ``reshape`` copies it once.
-    ``tma`` picks the main loop: None decides per call, True and False force it (see ``matmul_operands``).
+    ``tma`` picks the main loop: None decides per signature, True and False force it (see ``matmul_operands``);
+    ``config`` pins a tile config instead of autotuning (benchmark sweeps).
     """
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
+        weight.shape, weight.stride(), weight.dtype, weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), activation, tma, config,
+    )  # fmt: skip
+    entry = PLANS.get(key)
+    if entry is None:
+        return _plan_linear(key, x, weight, bias, activation, out, tma, config)
+    plan, w_operand, x_template, shape, static = entry
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        check_out(out, shape, x.dtype)
+    x2d = x if x.dim() == 2 else x.view(static[0], static[2])
+    x_operand = x2d if x_template is None else x_descriptor(x2d, x_template)
+    plan.launch(x.device.index, x_operand, w_operand, bias, out, *static)
+    return out
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {dtype} {shape}")
+
+
+def _plan_linear(key, x, weight, bias, activation, out, tma, config) -> torch.Tensor:
     check_activation(activation)
     check_operands(x, weight)
     n, k = weight.shape
     shape = (*x.shape[:-1], n)
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
-    if residual is not None and residual.shape != shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {shape}")
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1 or bias.device != x.device):
+        raise ValueError(f"bias is {tuple(bias.shape)} on {bias.device}; expected a contiguous ({n},) on {x.device}")
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype:
-        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected {x.dtype} {shape}")
+    else:
+        check_out(out, shape, x.dtype)
     if out.numel() == 0:
         return out
-    out2d = out.view(-1, n)
-    m = out2d.shape[0]
-    x2d = x.reshape(m, k)
-    residual2d = residual.reshape(m, n) if residual is not None else None
+    m = out.numel() // n
+    x2d = rows_view(x, m, k)
+    if x2d is None:
+        # Leading dims that do not flatten to one row stride: copy once, and plan the copy's layout.
+        linear_triton(x.reshape(m, k), weight, bias, activation, out=out.view(m, n), tma=tma, config=config)
+        return out
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    _linear_kernel[matmul_grid(m, n)](
-        x_operand,
-        w_operand,
-        bias.contiguous() if bias is not None else None,
-        residual2d,
-        out2d,
-        m,
-        n,
-        k,
-        m_bucket(m),
-        x2d.stride(0),
-        x2d.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        residual2d.stride(0) if residual2d is not None else 0,
-        residual2d.stride(1) if residual2d is not None else 0,
-        out2d.stride(0),
-        out2d.stride(1),
-        ACTIVATION=activation or "none",
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
-        IEEE_DOT=dot_is_ieee(x.dtype),
-        USE_TMA=use_tma,
+    static = (m, n, k, m_bucket(m), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), n, 1)
+    plan = first_launch(
+        _linear_kernel,
+        matmul_grid(m, n),
+        _RUNTIME_ARGS,
+        (x_operand, w_operand, bias, out, *static),
+        dict(
+            ACTIVATION=activation or "none", HAS_BIAS=bias is not None, IEEE_DOT=dot_is_ieee(x.dtype), USE_TMA=use_tma
+        ),
+        config,
     )
+    PLANS.add(key, (plan, w_operand, x_operand if use_tma else None, shape, static))
     return out
 
 
 @torch.library.custom_op("vitriton::linear", mutates_args=())
 def _linear_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    residual: torch.Tensor | None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
 ) -> torch.Tensor:
-    return linear_triton(x, weight, bias, activation, residual)
+    return linear_triton(x, weight, bias, activation)
 
 
 @_linear_op.register_fake
-def _linear_fake(x, weight, bias, activation, residual):
+def _linear_fake(x, weight, bias, activation):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -202,23 +216,22 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
-    residual: torch.Tensor | None = None,
     *,
     eager: bool | None = None,
 ) -> torch.Tensor:
-    """``x``: (..., K); ``weight``: (N, K) as nn.Linear stores it; ``residual``: (..., N) added last.
+    """``x``: (..., K); ``weight``: (N, K) as nn.Linear stores it; ``activation`` one of ``ACTIVATIONS``.
 
-    With nothing to fuse beyond the bias (no activation, no residual) a CUDA call goes to cuBLAS, whose
-    epilogue already adds the bias: on the H100 our GEMM reached 0.62-0.82x of it on those shapes
-    (benchmarks/results/h100), so the Triton kernel runs where its epilogue saves a pass. ``linear_triton``
-    runs the Triton kernel on any call.
+    Without an activation a CUDA call goes to cuBLAS, whose epilogue already adds the bias: on the H100 our
+    GEMM reached 0.62-0.82x of it on those shapes (benchmarks/results/h100), so the Triton kernel runs where
+    its epilogue saves a pass. ``linear_triton`` runs the Triton kernel on any call.
     """
-    check_activation(activation)
-    if use_triton(x, weight, eager=eager):
-        if activation is None and residual is None and x.is_cuda:
-            return F.linear(x, weight, bias)
-        return _linear_op(x, weight, bias, activation, residual)
-    return linear_reference(x, weight, bias, activation, residual)
+    if not use_triton(x, eager):
+        return linear_reference(x, weight, bias, activation)
+    if activation is None and x.is_cuda:
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _linear_op(x, weight, bias, activation)
+    return linear_triton(x, weight, bias, activation)
 
 
 def linear_reference(
@@ -226,11 +239,13 @@ def linear_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
-    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    check_activation(activation)
     out = F.linear(x, weight, bias)
-    if activation is not None:
-        out = ACT2FN[activation](out)
-    if residual is not None:
-        out = out + residual
+    if activation == "quick_gelu":
+        return out * torch.sigmoid(1.702 * out)
+    if activation == "gelu":
+        return F.gelu(out)
+    if activation == "gelu_pytorch_tanh":
+        return F.gelu(out, approximate="tanh")
     return out

@@ -1,7 +1,7 @@
 """QKV projection: one GEMM over the packed ``[q; k; v]`` weight, written head-split for attention.
 
-The main loop is the shared tiled GEMM (``_matmul.py``). The epilogue adds the bias, scales the q columns
-and stores every output element straight to its place in one (3, B, H, S, D) buffer: row m = b * S + s and
+The main loop is the shared tiled GEMM (``_matmul.py``). The epilogue adds the bias and stores every output
+element straight to its place in one (3, B, H, S, D) buffer: row m = b * S + s and
 column n = which * H * D + h * D + d go to ``which * (B*H*S*D) + b * (H*S*D) + h * (S*D) + s * D + d``. The
 address splits into a row part and a column part, so N tiles need not align with heads (head_dim 72 or 104
 against 128-wide tiles). This replaces eager's ``view/permute/contiguous`` copy, a full extra read and write
@@ -15,6 +15,9 @@ Inside a tile the column addresses run contiguously only within a head, so the k
 (``tl.max_contiguous``) that they come in aligned runs of ``VEC``, the largest power of two dividing head_dim
 (8 for 72 and 104, 16 for 64 and 80); that keeps the stores 16-byte vectors where a plain scatter would
 store 2 bytes at a time.
+
+Launch cost: as ``linear``, a launch plan per signature (``_launch.py``) holds the config, grid, compiled kernel
+and the weight's TMA descriptor, so a steady-state call looks the plan up, allocates the output and launches.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
+from vitriton.kernels._launch import PlanCache, first_launch
 from vitriton.kernels._matmul import (
     check_operands,
     dot_is_ieee,
@@ -35,6 +39,8 @@ from vitriton.kernels._matmul import (
     matmul_grid,
     matmul_operands,
     prune_matmul_configs,
+    rows_view,
+    x_descriptor,
 )
 
 
@@ -71,7 +77,6 @@ def _qkv_kernel(
     K,
     M_BUCKET,  # autotune key only
     SEQ,
-    q_scale,  # fp32 factor on the q columns
     stride_xm,
     stride_xk,
     stride_wn,
@@ -114,7 +119,6 @@ def _qkv_kernel(
     which = cols // width
     head = (cols - which * width) // HEAD_DIM
     d = cols - which * width - head * HEAD_DIM
-    acc = acc * tl.where(which == 0, q_scale, 1.0)[None, :]
 
     batch = rows // SEQ
     row_offsets = batch.to(tl.int64) * SEQ * width + (rows - batch * SEQ).to(tl.int64) * HEAD_DIM
@@ -128,75 +132,114 @@ def _qkv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_RUNTIME_ARGS = (
+    "x",
+    "w",
+    "bias_ptr",
+    "out_ptr",
+    "M",
+    "N",
+    "K",
+    "M_BUCKET",
+    "SEQ",
+    "stride_xm",
+    "stride_xk",
+    "stride_wn",
+    "stride_wk",
+)
+PLANS = PlanCache("qkv_projection")
+
+
 def qkv_projection_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     num_heads: int,
     *,
-    q_scale: float | None = None,
     out: torch.Tensor | None = None,
     tma: bool | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Launches the kernel; returns the packed (3, B, H, S, D) buffer (``out`` when given) that q, k, v view.
 
-    x keeps its strides when (B, S) flattens to a view (``reshape`` copies it once otherwise); the weight may
-    have any strides (the TMA main loop needs unit column strides and 16-byte aligned rows: see
-    ``matmul_operands``, which ``tma`` overrides as in ``linear_triton``).
+    ``tma`` and ``config`` as in ``linear_triton``.
     """
+    key = (
+        x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
+        weight.shape, weight.stride(), weight.dtype, weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), num_heads, tma, config,
+    )  # fmt: skip
+    entry = PLANS.get(key)
+    if entry is None:
+        return _plan_qkv(key, x, weight, bias, num_heads, out, tma, config)
+    plan, w_operand, x_template, shape, static = entry
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        check_packed_out(out, shape, x.dtype)
+    x2d = x.view(static[0], static[2])
+    x_operand = x2d if x_template is None else x_descriptor(x2d, x_template)
+    plan.launch(x.device.index, x_operand, w_operand, bias, out, *static)
+    return out
+
+
+def check_packed_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {dtype} {shape}")
+
+
+def _plan_qkv(key, x, weight, bias, num_heads, out, tma, config) -> torch.Tensor:
     if x.dim() != 3:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, seq, hidden)")
     check_operands(x, weight)
     head_dim = check_qkv_shapes(x, weight, num_heads)
     n, k = weight.shape
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1 or bias.device != x.device):
+        raise ValueError(f"bias is {tuple(bias.shape)} on {bias.device}; expected a contiguous ({n},) on {x.device}")
     batch, seq = x.shape[0], x.shape[1]
     shape = (3, batch, num_heads, seq, head_dim)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {x.dtype} {shape}")
+    else:
+        check_packed_out(out, shape, x.dtype)
     if out.numel() == 0:
         return out
     m = batch * seq
-    x2d = x.reshape(m, k)
+    x2d = rows_view(x, m, k)
+    if x2d is None:
+        # (batch, seq) does not flatten to one row stride: copy once, and plan the copy's layout.
+        return qkv_projection_triton(x.contiguous(), weight, bias, num_heads, out=out, tma=tma, config=config)
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    _qkv_kernel[matmul_grid(m, n)](
-        x_operand,
-        w_operand,
-        bias.contiguous() if bias is not None else None,
-        out,
-        m,
-        n,
-        k,
-        m_bucket(m),
-        seq,
-        1.0 if q_scale is None else float(q_scale),
-        x2d.stride(0),
-        x2d.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        HEADS=num_heads,
-        HEAD_DIM=head_dim,
-        HAS_BIAS=bias is not None,
-        IEEE_DOT=dot_is_ieee(x.dtype),
-        VEC=store_vector_width(head_dim),
-        USE_TMA=use_tma,
+    static = (m, n, k, m_bucket(m), seq, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1))
+    plan = first_launch(
+        _qkv_kernel,
+        matmul_grid(m, n),
+        _RUNTIME_ARGS,
+        (x_operand, w_operand, bias, out, *static),
+        dict(
+            HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            HAS_BIAS=bias is not None,
+            IEEE_DOT=dot_is_ieee(x.dtype),
+            VEC=store_vector_width(head_dim),
+            USE_TMA=use_tma,
+        ),
+        config,
     )
+    PLANS.add(key, (plan, w_operand, x_operand if use_tma else None, shape, static))
     return out
 
 
 # Returns the packed buffer, not three views of it: a custom op's outputs may not alias one another.
 @torch.library.custom_op("vitriton::qkv_projection", mutates_args=())
 def _qkv_projection_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, q_scale: float | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int
 ) -> torch.Tensor:
-    return qkv_projection_triton(x, weight, bias, num_heads, q_scale=q_scale)
+    return qkv_projection_triton(x, weight, bias, num_heads)
 
 
 @_qkv_projection_op.register_fake
-def _qkv_projection_fake(x, weight, bias, num_heads, q_scale):
+def _qkv_projection_fake(x, weight, bias, num_heads):
     head_dim = check_qkv_shapes(x, weight, num_heads)
     return x.new_empty((3, x.shape[0], num_heads, x.shape[1], head_dim))
 
@@ -207,29 +250,20 @@ def qkv_projection(
     bias: torch.Tensor | None,
     num_heads: int,
     *,
-    q_scale: float | None = None,
     eager: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x``: (B, S, K) -> q, k, v each (B, heads, S, head_dim); ``q_scale`` multiplies q when given."""
-    check_qkv_shapes(x, weight, num_heads)
-    if use_triton(x, weight, eager=eager):
-        q, k, v = _qkv_projection_op(x, weight, bias, num_heads, q_scale).unbind(0)
-        return q, k, v
-    return qkv_projection_reference(x, weight, bias, num_heads, q_scale=q_scale)
+    """``x``: (B, S, K) -> q, k, v each (B, heads, S, head_dim), views of one packed buffer."""
+    if not use_triton(x, eager):
+        return qkv_projection_reference(x, weight, bias, num_heads)
+    if torch.compiler.is_compiling():
+        return _qkv_projection_op(x, weight, bias, num_heads).unbind(0)
+    return qkv_projection_triton(x, weight, bias, num_heads).unbind(0)
 
 
 def qkv_projection_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    num_heads: int,
-    *,
-    q_scale: float | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     head_dim = check_qkv_shapes(x, weight, num_heads)
     batch, seq = x.shape[0], x.shape[1]
     packed = F.linear(x, weight, bias).view(batch, seq, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = packed.unbind(0)
-    if q_scale is not None:
-        q = q * q_scale
-    return q, k, v
+    return packed.unbind(0)

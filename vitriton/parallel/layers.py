@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vitriton.kernels import linear, qkv_projection
+from vitriton.kernels.linear import linear
+from vitriton.kernels.qkv import qkv_projection
 from vitriton.parallel.group import ProcessGroup, Shard, ceil_shard, even_shard, get_rank, get_world_size
 from vitriton.parallel.weights import Weights, join
 

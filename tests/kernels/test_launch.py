@@ -1,0 +1,94 @@
+"""Launch plans (``vitriton/kernels/_launch.py``): built on a signature's first call, replayed after it.
+
+A plan hit must not validate again nor go back through triton's launch path; a change of signature (shape,
+strides, alignment, flags) must build a new plan; results from the plan must equal the first call's path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import DEVICE
+from vitriton.kernels import attention, layernorm, linear, qkv
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("a plan hit validated or planned again")
+
+
+def _cases():
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=DEVICE)
+
+    x, w, b = randn(2, 7, 40), randn(72, 40), randn(72)
+    w_qkv, b_qkv = randn(3 * 2 * 24, 40), randn(3 * 2 * 24)
+    ln_w, ln_b = randn(40), randn(40)
+    q = randn(2, 3, 19, 24)
+    mask = torch.ones(2, 19, dtype=torch.bool, device=DEVICE)
+    mask[1, 15:] = False
+    return {
+        "linear": (
+            linear,
+            ["check_operands", "check_activation"],
+            lambda x=x: linear.linear_triton(x, w, b, "quick_gelu"),
+            lambda x=x: linear.linear_reference(x, w, b, "quick_gelu"),
+            x,
+        ),
+        "qkv": (
+            qkv,
+            ["check_operands", "check_qkv_shapes"],
+            lambda x=x: qkv.qkv_projection_triton(x, w_qkv, b_qkv, 2),
+            lambda x=x: torch.stack(qkv.qkv_projection_reference(x, w_qkv, b_qkv, 2)),
+            x,
+        ),
+        "layer_norm": (
+            layernorm,
+            ["check_layer_norm_inputs"],
+            lambda x=x: torch.stack(layernorm.layer_norm_triton(x, ln_w, ln_b, 1e-5, x.roll(1, -1))),
+            lambda x=x: torch.stack(layernorm.layer_norm_reference(x, ln_w, ln_b, 1e-5, x.roll(1, -1))),
+            x,
+        ),
+        "attention": (
+            attention,
+            ["check_attention_shapes", "pick_config"],
+            lambda q=q: attention.attention_triton(
+                q, q.roll(1, -2), q.flip(-1), causal=True, key_padding_mask=mask[: len(q)]
+            ),
+            lambda q=q: attention.attention_reference(
+                q, q.roll(1, -2), q.flip(-1), causal=True, key_padding_mask=mask[: len(q)]
+            ),
+            q,
+        ),
+    }
+
+
+@pytest.mark.parametrize("op", ["linear", "qkv", "layer_norm", "attention"])
+def test_plan_is_built_once_then_replayed(op, monkeypatch):
+    module, checks, run, reference, varying = _cases()[op]
+    module.PLANS.clear()
+    first = run()
+    assert (module.PLANS.builds, module.PLANS.hits) == (1, 0)
+    for name in [*checks, "first_launch"]:
+        monkeypatch.setattr(module, name, _fail)
+    varying.normal_()  # same signature, new values: the plan's launch must read them
+    second = run()
+    monkeypatch.undo()
+    assert (module.PLANS.builds, module.PLANS.hits) == (1, 1)
+    torch.testing.assert_close(second, reference(), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("op", ["linear", "qkv", "layer_norm", "attention"])
+def test_new_signature_builds_a_new_plan(op):
+    module, _, run, reference, varying = _cases()[op]
+    module.PLANS.clear()
+    run()
+    narrower = varying[:1].clone()  # another batch size
+    torch.testing.assert_close(run(narrower), reference(narrower), rtol=1e-4, atol=1e-4)
+    assert module.PLANS.builds == 2
+    offset = torch.empty(varying.numel() + 1, device=DEVICE)[1:].view(varying.shape).copy_(varying)
+    torch.testing.assert_close(run(offset), reference(offset), rtol=1e-4, atol=1e-4)  # 4-byte aligned only
+    assert module.PLANS.builds == 3

@@ -1,0 +1,170 @@
+"""Launch plans: the work of a kernel launch done once per call signature, then replayed.
+
+Triton's own launch path (``kernel[grid](...)``) binds every argument, recomputes the specialisation key and,
+through ``triton.autotune``, the tuning key on each call: 12 us for an empty kernel on an H100 and 130-260 us for
+our ops with their checks and the torch.library dispatch in front (issue 9). A :class:`Plan` keeps what that work
+decides for one call signature (shapes, strides, dtypes, 16-byte alignment, flags, device): the config, the grid,
+the compiled kernel and the compile-time arguments. A steady-state call builds its signature, finds the plan and
+hands the per-call arguments straight to the compiled kernel's launcher (``CompiledKernel.run``).
+
+The first call of a signature goes through triton's path (compiling and autotuning as needed), which also runs
+it; :func:`record` reads the compiled kernel and the chosen config off that call. Where there is no compiled
+kernel (the interpreter) the plan launches through the jitted function with the recorded config, so the plan
+logic is the same on the CPU test suite.
+
+Every op's constexpr parameters come last in its kernel's signature, so a launch passes the runtime arguments
+followed by the plan's constexpr values, in declaration order, as triton's launcher expects.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import triton
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # triton before 3.4 keeps launch hooks on CompiledKernel
+    _knobs = None
+
+from triton.runtime import driver
+
+# Plans hold tensors of static operands (weights, TMA descriptors of weights); the cap bounds what a process that
+# builds and drops many models keeps alive.
+MAX_PLANS = 4096
+
+
+def _layers(kernel: Any) -> list[Any]:
+    """The wrapper chain of a decorated kernel, outermost first: Autotuner -> Heuristics -> jitted function."""
+    chain = [kernel]
+    while type(chain[-1]).__name__ in ("Autotuner", "Heuristics"):
+        chain.append(chain[-1].fn)
+    return chain
+
+
+class Plan:
+    """One call signature's launch: ``plan.launch(device_index, *runtime_args)``."""
+
+    __slots__ = ("compiled", "config", "const_args", "const_kwargs", "function", "grid", "jit", "options")
+
+    def __init__(
+        self,
+        jit: Any,
+        runtime_names: Sequence[str],
+        grid: tuple[int, ...],
+        values: dict[str, Any],
+        config: triton.Config | None,
+        options: dict[str, int],
+    ):
+        names = list(jit.arg_names)
+        if names[: len(runtime_names)] != list(runtime_names):
+            raise TypeError(f"{jit.__name__}: runtime arguments {list(runtime_names)} must open its signature {names}")
+        params = getattr(jit, "params", None)  # the interpreter's functions have none
+        if params is not None and not all(p.is_constexpr for p in params[len(runtime_names) :]):
+            raise TypeError(f"{jit.__name__}: constexpr parameters must come after the runtime ones")
+        const_names = names[len(runtime_names) :]
+        self.jit = jit
+        self.config = config
+        self.options = options
+        self.const_kwargs = {name: values[name] for name in const_names if name in values}
+        self.const_args = (
+            () if params is None else tuple(values.get(p.name, p.default) for p in params[len(runtime_names) :])
+        )
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.compiled = None
+        self.function = None
+
+    def attach(self, compiled: Any) -> None:
+        """Launch through ``compiled`` (a CompiledKernel) from now on; anything else keeps the jitted path."""
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            return
+        compiled.run  # noqa: B018 - loads the binary and builds the launcher once, here
+        self.compiled = compiled
+        self.function = compiled.function
+
+    def launch(self, device_index: int, *args: Any) -> None:
+        compiled = self.compiled
+        if compiled is None:
+            self.jit[self.grid](*args, **self.const_kwargs, **self.options)
+            return
+        stream = driver.active.get_current_stream(device_index)
+        enter = _knobs.runtime.launch_enter_hook if _knobs is not None else None
+        exit_hook = _knobs.runtime.launch_exit_hook if _knobs is not None else None
+        full = (*args, *self.const_args)
+        metadata = compiled.launch_metadata(self.grid, stream, *full) if enter is not None else None
+        compiled.run(
+            self.grid[0],
+            self.grid[1],
+            self.grid[2],
+            stream,
+            self.function,
+            compiled.packed_metadata,
+            metadata,
+            enter,
+            exit_hook,
+            *full,
+        )
+
+
+class PlanCache:
+    """Plans by call signature, with counters the tests read (``builds`` and ``hits``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self.builds = 0
+        self.hits = 0
+
+    def get(self, key: Hashable) -> Plan | None:
+        plan = self.plans.get(key)
+        if plan is not None:
+            self.hits += 1
+        return plan
+
+    def add(self, key: Hashable, plan: Plan) -> Plan:
+        self.builds += 1
+        self.plans[key] = plan
+        if len(self.plans) > MAX_PLANS:
+            self.plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self.plans.clear()
+        self.builds = self.hits = 0
+
+
+def first_launch(
+    kernel: Any,
+    grid: Callable[[dict[str, Any]], tuple[int, ...]] | tuple[int, ...],
+    names: Sequence[str],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    config: triton.Config | None = None,
+) -> Plan:
+    """Runs ``kernel`` through triton's own path (compiling and autotuning as needed) and returns its plan.
+
+    ``names`` are the runtime parameters that ``args`` fill, in order; ``kwargs`` the constexprs and launch
+    options (num_warps, num_stages) the op sets itself. ``config`` pins a config instead of autotuning.
+    """
+    layers = _layers(kernel)
+    if config is not None:
+        # Skip the autotuner: the next layer (heuristics, or the jitted function) takes the config's values.
+        layers = [layer for layer in layers if type(layer).__name__ != "Autotuner"]
+        kwargs = {**kwargs, **config.all_kwargs()}
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(names, args, strict=True)), **kwargs})
+    compiled = layers[0][grid](*args, **kwargs)
+    tuner = next((layer for layer in layers if type(layer).__name__ == "Autotuner"), None)
+    chosen = config if config is not None else (tuner.best_config if tuner is not None else None)
+    values = {**dict(zip(names, args, strict=True)), **kwargs}
+    if chosen is not None:
+        values.update(chosen.all_kwargs())
+    for layer in layers:
+        for name, heuristic in getattr(layer, "values", {}).items():
+            values[name] = heuristic(values)
+    options = {key: values[key] for key in ("num_warps", "num_stages") if key in values}
+    plan = Plan(layers[-1], names, grid(values) if callable(grid) else grid, values, chosen, options)
+    plan.attach(compiled)
+    return plan
