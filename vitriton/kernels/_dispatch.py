@@ -4,6 +4,10 @@ CUDA tensors run Triton. CPU tensors run eager, unless TRITON_INTERPRET=1 is set
 Triton kernels run through the interpreter (the CPU test suite relies on this). The eager path can be
 forced on any device, for A/B runs, three ways: an op's ``eager=True`` argument, the
 ``VITRITON_EAGER=1`` environment variable, or the :func:`eager_mode` context manager.
+
+Both variables are read once: TRITON_INTERPRET when vitriton is imported (triton reads it at its own import,
+so a later change would not take effect anyway), VITRITON_EAGER at the first op call, so that a process may
+set it after importing vitriton but before running a model. Switch at run time with :func:`eager_mode`.
 """
 
 from __future__ import annotations
@@ -41,16 +45,22 @@ def eager_mode(enabled: bool = True) -> Iterator[None]:
         _state.eager = previous
 
 
+_eager_env: bool | None = None
+
+
 def use_triton(x: torch.Tensor, eager: bool | None = None) -> bool:
     """True when an op whose first operand is ``x`` should run its Triton kernel.
 
     The op's other operands are checked against ``x`` when its launch plan is built; a mismatch (another
     device, another dtype) raises there rather than silently running eager.
     """
+    global _eager_env
     if eager is None:
         eager = getattr(_state, "eager", None)
         if eager is None:
-            eager = _env_flag("VITRITON_EAGER")
+            if _eager_env is None:
+                _eager_env = _env_flag("VITRITON_EAGER")
+            eager = _eager_env
     if eager:
         return False
     return x.is_cuda or (_INTERPRETING and x.device.type == "cpu")

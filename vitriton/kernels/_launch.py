@@ -47,7 +47,10 @@ def _layers(kernel: Any) -> list[Any]:
 class Plan:
     """One call signature's launch: ``plan.launch(device_index, *runtime_args)``."""
 
-    __slots__ = ("compiled", "config", "const_args", "const_kwargs", "function", "grid", "jit", "options")
+    __slots__ = (
+        "compiled", "config", "const_args", "const_kwargs", "function", "grid", "jit", "launcher", "options",
+        "stream_of",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -75,24 +78,45 @@ class Plan:
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.compiled = None
         self.function = None
+        self.launcher = None
+        self.stream_of = None
 
     def attach(self, compiled: Any) -> None:
         """Launch through ``compiled`` (a CompiledKernel) from now on; anything else keeps the jitted path."""
         if compiled is None or not hasattr(compiled, "packed_metadata"):
             return
-        compiled.run  # noqa: B018 - loads the binary and builds the launcher once, here
+        launcher = compiled.run  # loads the binary and builds the launcher once, here
         self.compiled = compiled
         self.function = compiled.function
+        self.stream_of = driver.active.get_current_stream
+        # triton 3.4-3.6's CudaLauncher wraps its C ``launch`` with per-call scratch allocation; a kernel that
+        # needs no scratch memory can call ``launch`` itself (the same arguments, scratch pointers None).
+        if (
+            getattr(launcher, "global_scratch_size", None) == 0
+            and getattr(launcher, "profile_scratch_size", 0) == 0
+            and hasattr(launcher, "launch")
+            and hasattr(launcher, "launch_cooperative_grid")
+            and hasattr(launcher, "launch_pdl")
+        ):
+            self.launcher = launcher
 
     def launch(self, device_index: int, *args: Any) -> None:
         compiled = self.compiled
         if compiled is None:
             self.jit[self.grid](*args, **self.const_kwargs, **self.options)
             return
-        stream = driver.active.get_current_stream(device_index)
+        stream = self.stream_of(device_index)
         enter = _knobs.runtime.launch_enter_hook if _knobs is not None else None
         exit_hook = _knobs.runtime.launch_exit_hook if _knobs is not None else None
         full = (*args, *self.const_args)
+        grid = self.grid
+        launcher = self.launcher
+        if launcher is not None and enter is None:
+            launcher.launch(
+                grid[0], grid[1], grid[2], stream, self.function, launcher.launch_cooperative_grid,
+                launcher.launch_pdl, None, None, compiled.packed_metadata, None, None, exit_hook, *full,
+            )  # fmt: skip
+            return
         metadata = compiled.launch_metadata(self.grid, stream, *full) if enter is not None else None
         compiled.run(
             self.grid[0],

@@ -189,15 +189,16 @@ def rows_view(x: torch.Tensor, m: int, k: int) -> torch.Tensor | None:
         return None
 
 
-def x_descriptor(x2d: torch.Tensor, template: Any) -> Any:
-    """``template`` (the TMA descriptor a plan was built with) over ``x2d``'s memory.
+def x_descriptor(x: torch.Tensor, template: Any) -> Any:
+    """``template`` (the TMA descriptor a plan was built with) over ``x``'s memory.
 
     The plan's signature fixes shape, strides, dtype and alignment, which TensorDescriptor's constructor
-    re-validates in Python on every call; a copy of the validated template with the new base skips that.
+    re-validates in Python on every call; a copy of the validated template with the new base skips that. The
+    launcher reads only the base's address, so ``x`` may keep its leading dims.
     """
     descriptor = object.__new__(TensorDescriptor)
     descriptor.__dict__.update(template.__dict__)
-    descriptor.base = x2d
+    descriptor.base = x
     return descriptor
 
 

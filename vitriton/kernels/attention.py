@@ -83,7 +83,7 @@ def _attend_key_blocks(
     q2,
     k_head,  # (S, D) K slice of this (batch, head)
     v_head,  # (S, D) V slice of this (batch, head)
-    keep_row,  # (S,) uint8 key-padding row of this batch, 1 = attend; unused unless HAS_MASK
+    keep_row,  # (S,) bool key-padding row of this batch, True = attend; unused unless HAS_MASK
     stride_ks,
     stride_kd,
     stride_vs,
@@ -205,7 +205,7 @@ def _attention_tile(
     k_head,
     v_head,
     o_head,
-    keep_row,  # (S,) uint8, 1 = attend; unused unless HAS_MASK
+    keep_row,  # (S,) bool, True = attend; unused unless HAS_MASK
     stride_qs,
     stride_qd,
     stride_ks,
@@ -302,7 +302,7 @@ def _attention_fwd_kernel(
     k_ptr,  # (B, H, S, D) same dtype as q
     v_ptr,  # (B, H, S, D) same dtype as q
     o_ptr,  # (B, S, H * D) same dtype as q
-    keep_ptr,  # (B, S) uint8, 1 = attend; unused unless HAS_MASK
+    keep_ptr,  # (B, S) bool, True = attend; unused unless HAS_MASK
     stride_qb,
     stride_qh,
     stride_qs,
@@ -536,8 +536,8 @@ def attention_triton(
         return _plan_attention(key, q, k, v, scale, causal, mask, out, config)
     plan, out_shape, static = entry
     if out is None:
-        out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    keep = q if mask is None else (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
+        out = q.new_empty(out_shape)
+    keep = q if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
     plan.launch(q.device.index, q, k, v, out, keep, *static)
     return out
 
@@ -588,7 +588,6 @@ def _plan_attention(key, q, k, v, scale, causal, key_padding_mask, out, config) 
 
     if key_padding_mask is not None:
         keep = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
-        keep = keep.view(torch.uint8)
         stride_mb, stride_mk = keep.stride()
     else:
         keep, stride_mb, stride_mk = q, 0, 0

@@ -158,23 +158,20 @@ def layer_norm_triton(
     entry = PLANS.get(key)
     if entry is None:
         return _plan_layer_norm(key, x, weight, bias, eps, residual, out, residual_out, block_m, num_warps)
-    plan, rows, static = entry
+    # The kernel takes base pointers and row strides (the plan's), so x and residual go in as they are.
+    plan, like_x, static = entry
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty_like(x) if like_x else x.new_empty(x.shape)
     else:
         check_buffer("out", out, x)
-    x_rows = x.view(rows)
     if residual is None:
-        plan.launch(x.device.index, x_rows, x_rows, weight, weight if bias is None else bias, out, out, *static)
+        plan.launch(x.device.index, x, x, weight, weight if bias is None else bias, out, out, *static)
         return out, None
     if residual_out is None:
-        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        residual_out = torch.empty_like(x) if like_x else x.new_empty(x.shape)
     else:
         check_buffer("residual_out", residual_out, x)
-    residual_rows = residual.view(rows)
-    plan.launch(
-        x.device.index, x_rows, residual_rows, weight, weight if bias is None else bias, out, residual_out, *static
-    )
+    plan.launch(x.device.index, x, residual, weight, weight if bias is None else bias, out, residual_out, *static)
     return out, residual_out
 
 
@@ -231,7 +228,7 @@ def _plan_layer_norm(key, x, weight, bias, eps, residual, out, residual_out, blo
             num_warps=num_warps or default_num_warps,
         ),
     )
-    PLANS.add(key, (plan, rows, static))
+    PLANS.add(key, (plan, x.is_contiguous(), static))
     return out, residual_out
 
 

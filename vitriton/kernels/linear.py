@@ -148,13 +148,13 @@ def linear_triton(
     entry = PLANS.get(key)
     if entry is None:
         return _plan_linear(key, x, weight, bias, activation, out, tma, config)
+    # The kernel takes x's base pointer and the plan's row stride, so x goes in as it is (no (M, K) view).
     plan, w_operand, x_template, shape, static = entry
     if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        out = x.new_empty(shape)
     else:
         check_out(out, shape, x.dtype)
-    x2d = x if x.dim() == 2 else x.view(static[0], static[2])
-    x_operand = x2d if x_template is None else x_descriptor(x2d, x_template)
+    x_operand = x if x_template is None else x_descriptor(x, x_template)
     plan.launch(x.device.index, x_operand, w_operand, bias, out, *static)
     return out
 

@@ -172,13 +172,13 @@ def qkv_projection_triton(
     entry = PLANS.get(key)
     if entry is None:
         return _plan_qkv(key, x, weight, bias, num_heads, out, tma, config)
+    # As in linear_triton: x goes in as it is, read through its base pointer and the plan's row stride.
     plan, w_operand, x_template, shape, static = entry
     if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        out = x.new_empty(shape)
     else:
         check_packed_out(out, shape, x.dtype)
-    x2d = x.view(static[0], static[2])
-    x_operand = x2d if x_template is None else x_descriptor(x2d, x_template)
+    x_operand = x if x_template is None else x_descriptor(x, x_template)
     plan.launch(x.device.index, x_operand, w_operand, bias, out, *static)
     return out
 
