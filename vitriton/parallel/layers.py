@@ -25,6 +25,18 @@ def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
 
 
+def autocast_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Under torch.autocast, ``x``, ``weight`` and ``bias`` in the autocast dtype, as autocast runs ``F.linear``
+    (the weights keep their dtype and are cast per call); otherwise unchanged."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     if get_world_size(group) > 1:
         dist.all_reduce(tensor, group=group)
@@ -49,7 +61,7 @@ class ReplicatedLinear(nn.Module):
         return cls(weight, b)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, activation)
+        return linear(*autocast_args(x, self.weight, self.bias), activation)
 
 
 class ColumnParallelLinear(ReplicatedLinear):
@@ -99,7 +111,7 @@ class RowParallelLinear(ReplicatedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if get_rank(self.process_group) == 0 else None
-        return all_reduce(linear(x, self.weight, bias), self.process_group)
+        return all_reduce(linear(*autocast_args(x, self.weight, bias)), self.process_group)
 
 
 class QKVParallelLinear(nn.Module):
@@ -159,7 +171,7 @@ class QKVParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return qkv_projection(x, self.weight, self.bias, self.num_heads)
+        return qkv_projection(*autocast_args(x, self.weight, self.bias), self.num_heads)
 
 
 class VocabParallelEmbedding(nn.Module):
