@@ -81,6 +81,27 @@ def test_plan_is_built_once_then_replayed(op, monkeypatch):
     assert not torch.equal(first, second)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["plain", "tma"])
+def test_plans_hold_no_tensor_and_serve_every_weight_of_a_shape(tma):
+    """Two weights of one shape share a plan (one per op and shape for a whole model), and a dropped weight is
+    freed: the plan keeps no reference to it (nor, on the TMA path, to its descriptor's base)."""
+    import gc
+    import weakref
+
+    dtype = torch.float16 if tma else torch.float32
+    generator = torch.Generator(device=DEVICE).manual_seed(3)
+    x = torch.randn(7, 64, generator=generator, device=DEVICE).to(dtype)
+    weights = [torch.randn(72, 64, generator=generator, device=DEVICE).to(dtype) for _ in range(2)]
+    linear.PLANS.clear()
+    outs = [linear.linear_triton(x, w, None, "gelu", tma=tma) for w in weights]
+    assert (linear.PLANS.builds, linear.PLANS.hits) == (1, 1)
+    for i in range(2):
+        torch.testing.assert_close(outs[i], linear.linear_reference(x, weights[i], None, "gelu"), rtol=1e-2, atol=1e-2)
+    dropped = weakref.ref(weights.pop())
+    gc.collect()
+    assert dropped() is None
+
+
 @pytest.mark.parametrize("op", ["linear", "qkv", "layer_norm", "attention"])
 def test_new_signature_builds_a_new_plan(op):
     module, _, run, reference, varying = _cases()[op]

@@ -4,7 +4,9 @@ Triton's own launch path (``kernel[grid](...)``) binds every argument, recompute
 through ``triton.autotune``, the tuning key on each call: 12 us for an empty kernel on an H100 and 130-260 us for
 our ops with their checks and the torch.library dispatch in front (issue 9). A :class:`Plan` keeps what that work
 decides for one call signature (shapes, strides, dtypes, 16-byte alignment, flags, device): the config, the grid,
-the compiled kernel and the compile-time arguments. A steady-state call builds its signature, finds the plan and
+the compiled kernel and the compile-time arguments. The signature holds no data pointer, so the 24 layers of a
+model share one plan per op and shape, and weights are validated once per signature, not per call. A
+steady-state call builds its signature, finds the plan and
 hands the per-call arguments straight to the compiled kernel's launcher (``CompiledKernel.run``).
 
 The first call of a signature goes through triton's path (compiling and autotuning as needed), which also runs
@@ -31,8 +33,8 @@ except ImportError:  # triton before 3.4 keeps launch hooks on CompiledKernel
 
 from triton.runtime import driver
 
-# Plans hold tensors of static operands (weights, TMA descriptors of weights); the cap bounds what a process that
-# builds and drops many models keeps alive.
+# Plans hold no tensors (a TMA descriptor is kept without its base; see ``_matmul.plan_operand``), only ints,
+# strings and compiled kernels; the cap bounds a process that runs ever new shapes.
 MAX_PLANS = 4096
 
 

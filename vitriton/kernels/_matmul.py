@@ -189,17 +189,26 @@ def rows_view(x: torch.Tensor, m: int, k: int) -> torch.Tensor | None:
         return None
 
 
-def x_descriptor(x: torch.Tensor, template: Any) -> Any:
-    """``template`` (the TMA descriptor a plan was built with) over ``x``'s memory.
+def descriptor_over(tensor: torch.Tensor, template: Any) -> Any:
+    """``template`` (a TMA descriptor a plan was built with) over ``tensor``'s memory.
 
     The plan's signature fixes shape, strides, dtype and alignment, which TensorDescriptor's constructor
     re-validates in Python on every call; a copy of the validated template with the new base skips that. The
-    launcher reads only the base's address, so ``x`` may keep its leading dims.
+    launcher reads only the base's address, so ``tensor`` may keep its leading dims.
     """
     descriptor = object.__new__(TensorDescriptor)
     descriptor.__dict__.update(template.__dict__)
-    descriptor.base = x
+    descriptor.base = tensor
     return descriptor
+
+
+def plan_operand(operand: Any) -> Any:
+    """What a plan keeps of a GEMM operand: a TMA descriptor without its tensor (``descriptor_over`` puts the
+    call's tensor back), or None for a plain pointer. Plans then hold no tensor, so a model's weights are freed
+    with the model, and a weight reallocated at the same address with the same layout finds a correct plan."""
+    if TensorDescriptor is None or not isinstance(operand, TensorDescriptor):
+        return None
+    return descriptor_over(None, operand)
 
 
 def last_config(kernel: triton.runtime.Autotuner) -> str:

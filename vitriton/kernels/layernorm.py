@@ -151,8 +151,8 @@ def layer_norm_triton(
     key = (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
         None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.data_ptr() % 16),
-        weight.shape, weight.stride(), weight.dtype, weight.data_ptr(),
-        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr()),
+        weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
         eps, block_m, num_warps,
     )  # fmt: skip
     entry = PLANS.get(key)

@@ -24,6 +24,7 @@ from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels._launch import PlanCache, first_launch
 from vitriton.kernels._matmul import (
     check_operands,
+    descriptor_over,
     dot_is_ieee,
     even_k,
     gemm_tile,
@@ -31,9 +32,9 @@ from vitriton.kernels._matmul import (
     matmul_configs,
     matmul_grid,
     matmul_operands,
+    plan_operand,
     prune_matmul_configs,
     rows_view,
-    x_descriptor,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -142,20 +143,23 @@ def linear_triton(
     """
     key = (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
-        weight.shape, weight.stride(), weight.dtype, weight.data_ptr(),
-        None if bias is None else bias.data_ptr(), activation, tma, config,
+        weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
+        activation, tma, config,
     )  # fmt: skip
     entry = PLANS.get(key)
     if entry is None:
         return _plan_linear(key, x, weight, bias, activation, out, tma, config)
     # The kernel takes x's base pointer and the plan's row stride, so x goes in as it is (no (M, K) view).
-    plan, w_operand, x_template, shape, static = entry
+    plan, x_template, w_template, shape, static = entry
     if out is None:
         out = x.new_empty(shape)
     else:
         check_out(out, shape, x.dtype)
-    x_operand = x if x_template is None else x_descriptor(x, x_template)
-    plan.launch(x.device.index, x_operand, w_operand, bias, out, *static)
+    device_index = x.device.index
+    if x_template is not None:
+        x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
+    plan.launch(device_index, x, weight, bias, out, *static)
     return out
 
 
@@ -195,7 +199,7 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, config) -> torch.Te
         ),
         config,
     )
-    PLANS.add(key, (plan, w_operand, x_operand if use_tma else None, shape, static))
+    PLANS.add(key, (plan, plan_operand(x_operand), plan_operand(w_operand), shape, static))
     return out
 
 

@@ -31,6 +31,7 @@ from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels._launch import PlanCache, first_launch
 from vitriton.kernels._matmul import (
     check_operands,
+    descriptor_over,
     dot_is_ieee,
     even_k,
     gemm_tile,
@@ -38,9 +39,9 @@ from vitriton.kernels._matmul import (
     matmul_configs,
     matmul_grid,
     matmul_operands,
+    plan_operand,
     prune_matmul_configs,
     rows_view,
-    x_descriptor,
 )
 
 
@@ -166,20 +167,23 @@ def qkv_projection_triton(
     """
     key = (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
-        weight.shape, weight.stride(), weight.dtype, weight.data_ptr(),
-        None if bias is None else bias.data_ptr(), num_heads, tma, config,
+        weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
+        None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
+        num_heads, tma, config,
     )  # fmt: skip
     entry = PLANS.get(key)
     if entry is None:
         return _plan_qkv(key, x, weight, bias, num_heads, out, tma, config)
     # As in linear_triton: x goes in as it is, read through its base pointer and the plan's row stride.
-    plan, w_operand, x_template, shape, static = entry
+    plan, x_template, w_template, shape, static = entry
     if out is None:
         out = x.new_empty(shape)
     else:
         check_packed_out(out, shape, x.dtype)
-    x_operand = x if x_template is None else x_descriptor(x, x_template)
-    plan.launch(x.device.index, x_operand, w_operand, bias, out, *static)
+    device_index = x.device.index
+    if x_template is not None:
+        x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
+    plan.launch(device_index, x, weight, bias, out, *static)
     return out
 
 
@@ -226,7 +230,7 @@ def _plan_qkv(key, x, weight, bias, num_heads, out, tma, config) -> torch.Tensor
         ),
         config,
     )
-    PLANS.add(key, (plan, w_operand, x_operand if use_tma else None, shape, static))
+    PLANS.add(key, (plan, plan_operand(x_operand), plan_operand(w_operand), shape, static))
     return out
 
 
