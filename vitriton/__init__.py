@@ -2,7 +2,7 @@
 
 from vitriton.encoders import *  # noqa: F403
 from vitriton.encoders import __all__ as _encoders
-from vitriton.graphs import CUDAGraphRunner
+from vitriton.graphs import CUDAGraphRunner, enable_cuda_graphs
 from vitriton.kernels import eager_mode
 from vitriton.loading import from_pretrained, from_transformers
 from vitriton.parallel import CheckpointError, Weights, init_distributed
@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "Weights",
     "eager_mode",
+    "enable_cuda_graphs",
     "from_pretrained",
     "from_transformers",
     "init_distributed",
