@@ -1,186 +1,129 @@
-"""Building vitriton models from a local Hugging Face checkpoint directory or an in-memory transformers model."""
+"""``vitriton.from_pretrained`` / ``vitriton.from_transformers``: pick the vitriton class a checkpoint or model
+names, then load it with that class's ``from_pretrained`` / ``from_transformers`` (encoders/pretrained.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
 
-import torch
 from torch import nn
-from transformers import (
-    CLIPConfig,
-    CLIPTextConfig,
-    CLIPVisionConfig,
-    SiglipConfig,
-    SiglipTextConfig,
-    SiglipVisionConfig,
-)
 
 from vitriton.encoders import clip, siglip
-from vitriton.encoders.trunk import Tower
-from vitriton.parallel import CheckpointError, Weights, default_group
-from vitriton.parallel.group import ProcessGroup
+from vitriton.encoders.pretrained import resolve_checkpoint
+from vitriton.parallel import CheckpointError
 
-# model_type -> (config class, {tower: (model class, checkpoint prefix)}); tower None is the whole checkpoint.
-FULL_MODELS = {
-    "clip": (
-        CLIPConfig,
-        {None: clip.CLIPModel, "vision": clip.CLIPVisionModel, "text": clip.CLIPTextModel},
-    ),
-    "siglip": (
-        SiglipConfig,
-        {None: siglip.SiglipModel, "vision": siglip.SiglipVisionModel, "text": siglip.SiglipTextModel},
-    ),
+# transformers class name (config.json's ``architectures``) -> vitriton class.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (
+        clip.CLIPModel,
+        clip.CLIPVisionModel,
+        clip.CLIPTextModel,
+        clip.CLIPVisionModelWithProjection,
+        clip.CLIPTextModelWithProjection,
+        siglip.SiglipModel,
+        siglip.SiglipVisionModel,
+        siglip.SiglipTextModel,
+    )
 }
-TOWER_MODELS = {
-    "clip_vision_model": (CLIPVisionConfig, clip.CLIPVisionModel, "vision"),
-    "clip_text_model": (CLIPTextConfig, clip.CLIPTextModel, "text"),
-    "siglip_vision_model": (SiglipVisionConfig, siglip.SiglipVisionModel, "vision"),
-    "siglip_text_model": (SiglipTextConfig, siglip.SiglipTextModel, "text"),
+# model_type -> {tower: vitriton class}; tower None is the whole checkpoint.
+MODEL_TYPES: dict[str, dict[str | None, type[nn.Module]]] = {
+    "clip": {None: clip.CLIPModel, "vision": clip.CLIPVisionModel, "text": clip.CLIPTextModel},
+    "siglip": {None: siglip.SiglipModel, "vision": siglip.SiglipVisionModel, "text": siglip.SiglipTextModel},
+    "clip_vision_model": {None: clip.CLIPVisionModel, "vision": clip.CLIPVisionModel},
+    "clip_text_model": {None: clip.CLIPTextModel, "text": clip.CLIPTextModel},
+    "siglip_vision_model": {None: siglip.SiglipVisionModel, "vision": siglip.SiglipVisionModel},
+    "siglip_text_model": {None: siglip.SiglipTextModel, "text": siglip.SiglipTextModel},
 }
-SUPPORTED = tuple(FULL_MODELS) + tuple(TOWER_MODELS)
-PARALLEL_MODES = ("tensor", "data")
+# Classes a CLIP/SigLIP checkpoint may name that vitriton does not implement: their towers load with tower=.
+UNSUPPORTED = {
+    "CLIPForImageClassification": "vision",
+    "SiglipForImageClassification": "vision",
+}
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _config_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def _build(
-    model_type: str,
-    load_config: Callable[[type], object],
-    make_weights: Callable[[torch.dtype, ProcessGroup | None, torch.device], Weights],
-    *,
-    tower: str | None,
-    expect: type | None,
-    dtype: torch.dtype | None,
-    device: torch.device | str | None,
-    process_group: ProcessGroup | None,
-    parallel: str,
-) -> nn.Module:
-    if parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel={parallel!r}; expected one of {PARALLEL_MODES}")
+def pick_class(model_type: str | None, architectures: Sequence[str] | None, tower: str | None) -> type[nn.Module]:
+    """The vitriton class for a checkpoint: ``architectures`` first (so *WithProjection loads as itself), then
+    ``model_type``; ``tower`` picks one tower of a full model."""
     if tower not in (None, "vision", "text"):
         raise ValueError(f"tower={tower!r}; expected None, 'vision' or 'text'")
-    if expect is not None and tower is None:
-        tower = getattr(expect, "tower", None)
-    if process_group is None:
-        process_group = default_group()
-
-    if model_type in FULL_MODELS:
-        config_cls, classes = FULL_MODELS[model_type]
-        config = load_config(config_cls)
-        model_cls = classes[tower]
-        prefix = {None: "", "vision": "vision_model", "text": "text_model"}[tower]
-        sub_config = {
-            None: config,
-            "vision": getattr(config, "vision_config", None),
-            "text": getattr(config, "text_config", None),
-        }[tower]
-    elif model_type in TOWER_MODELS:
-        config_cls, model_cls, own_tower = TOWER_MODELS[model_type]
-        if tower not in (None, own_tower):
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; vitriton loads {', '.join(MODEL_TYPES)}")
+    for name in architectures or ():
+        if name in ARCHITECTURES and tower in (None, getattr(ARCHITECTURES[name], "tower", None)):
+            return ARCHITECTURES[name]
+        if name in UNSUPPORTED and tower is None:
             raise ValueError(
-                f"tower={tower!r} asked of a {model_type} checkpoint, which holds only the {own_tower} tower"
+                f"the checkpoint is a {name}, which vitriton does not implement; load its {UNSUPPORTED[name]} tower "
+                f"with tower={UNSUPPORTED[name]!r}"
             )
-        sub_config = load_config(config_cls)
-        prefix = None
-    else:
-        raise ValueError(f"unknown model_type {model_type!r}; vitriton loads {', '.join(SUPPORTED)}")
-    if expect is not None and model_cls is not expect:
-        raise TypeError(f"this checkpoint holds a {model_cls.__name__}, not a {expect.__name__}")
-
-    if dtype is None:
-        dtype = _config_dtype(sub_config)
-    device = torch.device(device) if device is not None else _default_device()
-    weights = make_weights(dtype, process_group if parallel == "tensor" else None, device)
-    if prefix is None:
-        # A tower saved on its own: older checkpoints nest it under vision_model./text_model., transformers 5 does not.
-        nested = f"{own_tower}_model"
-        prefix = nested if weights.has_prefix(nested) else ""
-    model = model_cls(prefix, sub_config, weights)
-    if parallel == "data":
-        for module in model.modules():
-            if isinstance(module, Tower):
-                module.data_group = process_group
-    return model.eval()
+    classes = MODEL_TYPES[model_type]
+    if tower not in classes:
+        held = next(t for t in classes if t is not None)
+        raise ValueError(f"tower={tower!r} asked of a {model_type} checkpoint, which holds only the {held} tower")
+    return classes[tower]
 
 
 def from_pretrained(
     path: str | os.PathLike,
     *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    process_group: ProcessGroup | None = None,
-    parallel: str = "tensor",
     tower: str | None = None,
-    expect: type | None = None,
+    dtype=None,
+    torch_dtype=None,
+    device=None,
+    process_group=None,
+    parallel: str = "tensor",
+    prefix: str | None = None,
+    feature_layers: int | Sequence[int] | None = None,
+    num_layers: int | None = None,
+    check_inputs: bool | None = None,
+    cuda_graphs: bool | Sequence[int] = False,
 ) -> nn.Module:
-    """Loads the model a local checkpoint's config.json names (clip, clip_vision_model, clip_text_model,
-    siglip, siglip_vision_model, siglip_text_model); ``tower="vision"``/``"text"`` picks one tower of a full
-    checkpoint. ``dtype`` defaults to the config's, ``device`` to the current CUDA device (else CPU), and
-    ``process_group`` to the default group when torch.distributed is initialised.
+    """Loads the model a checkpoint's config.json names (``architectures``, else ``model_type``: clip, siglip and
+    their towers, CLIP's *WithProjection classes) from a local directory or a Hub repo id already in the local
+    Hugging Face cache; ``tower="vision"``/``"text"`` picks one tower of a full checkpoint.
 
-    ``parallel="tensor"`` shards heads and MLP columns over the group's ranks (each reads only its slices);
-    ``parallel="data"`` gives every rank the full weights and splits each batch, gathering the outputs.
+    - ``dtype``: a torch dtype, its name, or "auto"; default the config's (``torch_dtype`` is the deprecated alias).
+    - ``device``: default the current CUDA device, else CPU.
+    - ``process_group`` / ``parallel``: default the default group when torch.distributed is initialised.
+      ``parallel="tensor"`` shards heads and MLP columns over the group's ranks (each reads only its slices) and
+      needs every rank to pass the same batch; ``parallel="data"`` gives every rank the full weights, splits each
+      batch and gathers the outputs, and needs every rank to pass the same full batch.
+    - ``check_inputs``: check on each call that all ranks passed the same inputs (default: the
+      ``VITRITON_CHECK_INPUTS`` environment variable).
+    - ``prefix``: where the model sits in the checkpoint, when not found on its own.
+    - ``feature_layers`` / ``num_layers`` (one tower only): build only the layers those calls can reach.
+    - ``cuda_graphs``: ``True`` or batch-size buckets: replay calls from CUDA graphs (vitriton.graphs).
     """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    directory = resolve_checkpoint(path)
+    config_file = directory / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{path} has no config.json")
+        raise CheckpointError(f"{directory} has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except ValueError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    return _build(
-        model_type,
-        lambda config_cls: config_cls.from_pretrained(path),
-        lambda dtype, group, device: Weights(path, dtype=dtype, device=device, process_group=group),
-        tower=tower,
-        expect=expect,
+    cls = pick_class(config.get("model_type"), config.get("architectures"), tower)
+    return cls.from_pretrained(
+        directory,
         dtype=dtype,
+        torch_dtype=torch_dtype,
         device=device,
         process_group=process_group,
         parallel=parallel,
+        prefix=prefix,
+        feature_layers=feature_layers,
+        num_layers=num_layers,
+        check_inputs=check_inputs,
+        cuda_graphs=cuda_graphs,
     )
 
 
-def from_transformers(
-    model: nn.Module,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    process_group: ProcessGroup | None = None,
-    parallel: str = "tensor",
-    tower: str | None = None,
-) -> nn.Module:
-    """Builds the vitriton model matching an in-memory transformers CLIP/SigLIP model from its config and
-    state dict (weights are copied, in ``dtype``; default the model's own parameter dtype)."""
-    config = model.config
-    if dtype is None:
-        dtype = next(model.parameters()).dtype
-    state_dict = model.state_dict()
-    return _build(
-        config.model_type,
-        lambda config_cls: config,
-        lambda dtype, group, device: Weights.from_state_dict(
-            state_dict, dtype=dtype, device=device, process_group=group
-        ),
-        tower=tower,
-        expect=None,
-        dtype=dtype,
-        device=device,
-        process_group=process_group,
-        parallel=parallel,
-    )
+def from_transformers(model: nn.Module, *, tower: str | None = None, **kwargs) -> nn.Module:
+    """The vitriton model matching an in-memory transformers CLIP/SigLIP model (its class, else its config's
+    model_type), built from its config and ``state_dict()``; keyword arguments as :func:`from_pretrained`.
+    Weights in the requested dtype and device are shared with ``model``, not copied, except the packed q/k/v
+    weights (and, under tensor parallelism, the row-parallel column slices)."""
+    cls = pick_class(model.config.model_type, [type(model).__name__], tower)
+    return cls.from_transformers(model, **kwargs)

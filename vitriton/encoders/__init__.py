@@ -8,9 +8,11 @@ from vitriton.encoders.clip import (
     CLIPModel,
     CLIPTextEmbeddings,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTextTransformer,
     CLIPVisionEmbeddings,
     CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     CLIPVisionTransformer,
 )
 from vitriton.encoders.siglip import (
@@ -36,9 +38,11 @@ __all__ = [
     "CLIPModel",
     "CLIPTextEmbeddings",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "CLIPTextTransformer",
     "CLIPVisionEmbeddings",
     "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
     "CLIPVisionTransformer",
     "SiglipAttention",
     "SiglipEncoder",

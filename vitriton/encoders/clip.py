@@ -2,8 +2,9 @@
 ``from vitriton.encoders.clip import CLIPVisionModel`` replaces the transformers (or LoRAX) import.
 
 Every constructor takes ``(prefix, config, weights)``: ``prefix`` is where the module's own tensors live in
-the checkpoint (``vision_model``, ``text_model``, ``vision_tower.vision_model`` in a LLaVA checkpoint, or
-``""`` for a tower saved on its own by transformers 5), ``config`` is transformers' config class.
+the checkpoint (``vision_model``, ``text_model``, ``vision_tower`` in a LLaVA checkpoint, or ``""`` for a tower
+saved on its own by transformers 5), ``config`` is transformers' config class; towers also take ``num_layers``,
+how many of the config's layers to build.
 """
 
 from __future__ import annotations
@@ -11,19 +12,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from transformers.models.clip.modeling_clip import CLIPOutput
+from transformers.models.clip.modeling_clip import (
+    CLIPOutput,
+    CLIPTextModelOutput,
+    CLIPVisionModelOutput,
+    image_text_contrastive_loss,
+)
 
+from vitriton.encoders.models import (
+    DualEncoder,
+    TextModel,
+    TextModelWithProjection,
+    VisionModel,
+    VisionModelWithProjection,
+)
 from vitriton.encoders.trunk import (
     MLP,
     Attention,
-    DualEncoder,
     Encoder,
     EncoderLayer,
     PatchEmbeddings,
     TextEmbeddings,
-    TextModel,
     TextTransformer,
-    VisionModel,
     VisionTransformer,
 )
 from vitriton.parallel import ReplicatedLinear, Weights, join
@@ -67,8 +77,8 @@ class CLIPTextTransformer(TextTransformer):
     causal = True
     encoder_cls = CLIPEncoder
 
-    def __init__(self, prefix: str, config: CLIPTextConfig, weights: Weights):
-        super().__init__(prefix, config, weights)
+    def __init__(self, prefix: str, config: CLIPTextConfig, weights: Weights, num_layers: int | None = None):
+        super().__init__(prefix, config, weights, num_layers)
         self.eos_token_id = config.eos_token_id
 
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -91,6 +101,18 @@ class CLIPVisionModel(VisionModel):
 class CLIPTextModel(TextModel):
     config_class = CLIPTextConfig
     transformer_cls = CLIPTextTransformer
+
+
+class CLIPVisionModelWithProjection(VisionModelWithProjection):
+    config_class = CLIPVisionConfig
+    transformer_cls = CLIPVisionTransformer
+    output_cls = CLIPVisionModelOutput
+
+
+class CLIPTextModelWithProjection(TextModelWithProjection):
+    config_class = CLIPTextConfig
+    transformer_cls = CLIPTextTransformer
+    output_cls = CLIPTextModelOutput
 
 
 class CLIPModel(DualEncoder):
@@ -120,3 +142,6 @@ class CLIPModel(DualEncoder):
 
     def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         return (text_embeds @ image_embeds.t()) * self.logit_scale.exp()
+
+    def loss(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+        return image_text_contrastive_loss(logits_per_text)

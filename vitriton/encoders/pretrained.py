@@ -1,21 +1,239 @@
-"""HF-style ``Cls.from_pretrained(path, ...)`` on every vitriton model class."""
+"""``Cls.from_pretrained(path, ...)`` and ``Cls.from_transformers(model, ...)`` on every vitriton model class.
+
+A class finds its own tensors in a checkpoint: a tower is wherever the checkpoint holds its embeddings
+(``vision_model.embeddings...`` in a full CLIP/SigLIP checkpoint, ``embeddings...`` in a tower saved alone by
+transformers 5, ``vision_tower.embeddings...`` or ``vision_tower.vision_model.embeddings...`` in a LLaVA
+checkpoint), so one rule serves every layout; a projection or the other tower sits beside it.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from vitriton.encoders.trunk import Tower, resolve_feature_layers
+from vitriton.parallel import CheckpointError, DataParallel, SameInputs, Weights, default_group, get_world_size, join
+from vitriton.parallel.group import ProcessGroup
+
+PARALLEL_MODES = ("tensor", "data")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The tensor that marks where a tower lives in a checkpoint.
+TOWER_MARKERS = {"vision": "embeddings.patch_embedding.weight", "text": "embeddings.token_embedding.weight"}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a Hub repo id already in the local Hugging Face cache (never downloads)."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if local.is_file():
+        raise NotADirectoryError(
+            f"{local} is a file; pass the checkpoint directory that holds config.json and the safetensors files "
+            f"(here {local.parent})"
+        )
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith(("/", ".", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception as err:  # huggingface_hub raises several error types for "not in the cache"
+            raise FileNotFoundError(
+                f"{text} is not a local directory and is not in the local Hugging Face cache; vitriton needs a local "
+                f"checkpoint directory or a cached repo (download it first: huggingface-cli download {text})"
+            ) from err
+    raise FileNotFoundError(f"checkpoint directory {local} does not exist")
+
+
+def resolve_dtype(dtype, torch_dtype, config) -> torch.dtype:
+    """``dtype`` as transformers takes it: a torch dtype, its name ("bfloat16", "torch.float16") or "auto" (the
+    config's dtype, as is None); ``torch_dtype`` is the deprecated alias."""
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} both given; pass only dtype")
+        warnings.warn("torch_dtype is deprecated; pass dtype instead", FutureWarning, stacklevel=3)
+        dtype = torch_dtype
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if dtype is None:
+            return torch.float32
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        resolved = getattr(torch, name, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} names no torch dtype; expected one of float32, float16, bfloat16")
+        dtype = resolved
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype} is not supported; vitriton runs float32, float16 or bfloat16 weights")
+    return dtype
+
+
+def checkpoint_prefixes(names: Sequence[str]) -> list[str]:
+    """The distinct two-level prefixes of tensor names (``vision_tower.embeddings``), for error messages."""
+    return sorted({".".join(name.split(".")[:2]) for name in names})
+
+
+def find_tower(weights: Weights, tower: str, prefix: str | None) -> str:
+    """Where the ``tower`` ("vision"/"text") lives in the checkpoint: ``prefix`` if given (checked), else the one
+    place that holds its embeddings."""
+    marker = TOWER_MARKERS[tower]
+    if prefix is not None:
+        if join(prefix, marker) not in weights:
+            raise CheckpointError(
+                f"prefix {prefix!r} holds no {tower} tower ({join(prefix, marker)!r} is missing); the checkpoint "
+                f"holds {', '.join(checkpoint_prefixes(list(weights.names())))}"
+            )
+        return prefix
+    found = sorted(name.removesuffix(marker).rstrip(".") for name in weights.names() if name.endswith(marker))
+    if len(found) != 1:
+        where = f"{len(found)} places ({', '.join(map(repr, found))})" if found else "no place"
+        raise CheckpointError(
+            f"the checkpoint holds a {tower} tower in {where}; pass prefix= naming one. Its tensors are under "
+            f"{', '.join(checkpoint_prefixes(list(weights.names())))}"
+        )
+    return found[0]
+
+
+def parent(prefix: str) -> str:
+    return prefix.rpartition(".")[0]
+
+
+def warn_unused_layers(weights: Weights, prefix: str, config) -> None:
+    """transformers warns when a checkpoint holds weights the model does not use; so do we for extra layers."""
+    layers = join(prefix, "encoder.layers.")
+    held = {int(name[len(layers) :].split(".")[0]) for name in weights.names() if name.startswith(layers)}
+    if held and max(held) + 1 > config.num_hidden_layers:
+        warnings.warn(
+            f"the checkpoint holds {max(held) + 1} layers under {layers.rstrip('.')} but the config's "
+            f"num_hidden_layers is {config.num_hidden_layers}; layers {config.num_hidden_layers}..{max(held)} are "
+            f"not used (fix num_hidden_layers in config.json if that is not intended)",
+            stacklevel=4,
+        )
 
 
 class PretrainedMixin:
-    config_class: type
-    # Which tower of a full CLIP/SigLIP checkpoint this class holds ("vision", "text"), or None for the full model.
+    config_class: type[PretrainedConfig]
+    # Which tower the class is ("vision", "text"), or None for both towers.
     tower: str | None = None
+    # True for classes with a projection beside the tower (the *WithProjection classes).
+    projected: bool = False
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **kwargs):
-        """Loads this class from a local checkpoint directory; a full CLIP/SigLIP checkpoint gives its tower.
+    def pick_config(cls, config: PretrainedConfig) -> PretrainedConfig:
+        """This class's config: the checkpoint's own, or the sub-config of the model that holds the tower."""
+        if isinstance(config, cls.config_class):
+            return config
+        sub = getattr(config, f"{cls.tower}_config", None) if cls.tower else None
+        if isinstance(sub, cls.config_class):
+            return sub
+        raise TypeError(
+            f"this checkpoint holds a {type(config).__name__} (model_type {config.model_type!r}), not a "
+            f"{cls.config_class.__name__}; {cls.__name__} loads a {cls.config_class.__name__} checkpoint"
+            + (f" or the {cls.tower} tower of a model holding one" if cls.tower else "")
+        )
 
-        Keyword arguments are those of :func:`vitriton.from_pretrained`.
-        """
-        from vitriton.loading import from_pretrained
+    @classmethod
+    def build(
+        cls,
+        config: PretrainedConfig,
+        make_weights: Callable[[torch.dtype, ProcessGroup | None, torch.device], Weights],
+        *,
+        dtype=None,
+        torch_dtype=None,
+        device: torch.device | str | None = None,
+        process_group: ProcessGroup | None = None,
+        parallel: str = "tensor",
+        prefix: str | None = None,
+        feature_layers: int | Sequence[int] | None = None,
+        num_layers: int | None = None,
+        check_inputs: bool | None = None,
+        cuda_graphs: bool | Sequence[int] = False,
+    ) -> nn.Module:
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel={parallel!r}; expected one of {PARALLEL_MODES}")
+        config = cls.pick_config(config)
+        dtype = resolve_dtype(dtype, torch_dtype, config)
+        if process_group is None:
+            process_group = default_group()
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        weights = make_weights(dtype, process_group if parallel == "tensor" else None, torch.device(device))
 
-        return from_pretrained(path, expect=cls, **kwargs)
+        if cls.tower is None:
+            if feature_layers is not None or num_layers is not None:
+                raise ValueError(
+                    f"feature_layers / num_layers at load time truncate one tower; {cls.__name__} holds both. Load "
+                    f"the tower alone (tower='vision') or pass feature_layers= to the calls instead"
+                )
+            root = parent(find_tower(weights, "vision", None if prefix is None else join(prefix, "vision_model")))
+            for tower in ("vision", "text"):
+                warn_unused_layers(weights, join(root, f"{tower}_model"), getattr(config, f"{tower}_config"))
+            model = cls(root, config, weights)
+        else:
+            found = find_tower(weights, cls.tower, prefix)
+            warn_unused_layers(weights, found, config)
+            if feature_layers is not None:
+                deepest = max(resolve_feature_layers(feature_layers, config.num_hidden_layers))
+                num_layers = deepest if num_layers is None else max(num_layers, deepest)
+            if num_layers is not None and not 0 <= num_layers <= config.num_hidden_layers:
+                raise ValueError(f"num_layers={num_layers}; the config has {config.num_hidden_layers} layers")
+            model = cls(parent(found) if cls.projected else found, config, weights, num_layers)
+        model.eval()
+
+        if check_inputs is None:
+            check_inputs = os.environ.get("VITRITON_CHECK_INPUTS", "0") not in ("", "0")
+        if get_world_size(process_group) > 1 and (parallel == "data" or check_inputs):
+            for name, child in list(model.named_children()):
+                if isinstance(child, Tower):
+                    wrapped = (
+                        DataParallel(child, process_group, check_inputs=check_inputs)
+                        if parallel == "data"
+                        else SameInputs(child, process_group)
+                    )
+                    setattr(model, name, wrapped)
+        if cuda_graphs:
+            from vitriton.graphs import enable_cuda_graphs
+
+            model = enable_cuda_graphs(model, cuda_graphs)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> nn.Module:
+        """Loads this class from a checkpoint directory (or a Hub repo id in the local cache). Keyword arguments
+        are those of :func:`vitriton.from_pretrained`; a tower class takes its tower out of a full CLIP/SigLIP or
+        LLaVA checkpoint."""
+        directory = resolve_checkpoint(path)
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(f"{directory} has no config.json")
+        try:
+            config = AutoConfig.from_pretrained(directory)
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"cannot read {directory / 'config.json'}: {err}") from err
+        return cls.build(
+            config,
+            lambda dtype, group, device: Weights(directory, dtype=dtype, device=device, process_group=group),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_transformers(cls, model: nn.Module, **kwargs) -> nn.Module:
+        """Builds this class from an in-memory transformers model's config and ``state_dict()``. ``dtype``
+        defaults to the model's parameter dtype. Tensors already in that dtype, on that device and contiguous are
+        shared with the transformers model (the same storage), except the q/k/v weights, packed into one new
+        tensor per layer; under tensor parallelism the row-parallel weights' column slices are copies too."""
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = next(model.parameters()).dtype
+        state_dict: Mapping[str, torch.Tensor] = model.state_dict()
+        return cls.build(
+            model.config,
+            lambda dtype, group, device: Weights.from_state_dict(
+                state_dict, dtype=dtype, device=device, process_group=group
+            ),
+            **kwargs,
+        )

@@ -9,26 +9,26 @@ sigmoid loss whose logits carry a learned bias.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import SiglipConfig, SiglipTextConfig, SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipOutput
 
+from vitriton.encoders.models import DualEncoder, TextModel, VisionModel
 from vitriton.encoders.trunk import (
     MLP,
     Attention,
-    DualEncoder,
     Encoder,
     EncoderLayer,
     LayerNorm,
     PatchEmbeddings,
     TextEmbeddings,
-    TextModel,
     TextTransformer,
-    VisionModel,
     VisionTransformer,
 )
-from vitriton.kernels import attention_reference, linear
-from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, join
+from vitriton.kernels.attention import attention_reference
+from vitriton.kernels.linear import linear
+from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, cast_like, join
 
 
 class SiglipVisionEmbeddings(PatchEmbeddings):
@@ -95,9 +95,12 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = hidden_state.shape
         heads = self.q_proj.num_heads
-        q = linear(self.probe, self.q_proj.weight, self.q_proj.bias).view(1, 1, heads, self.head_dim)
+        probe = cast_like(self.probe, hidden_state)
+        q_weight, q_bias = cast_like(self.q_proj.weight, probe), cast_like(self.q_proj.bias, probe)
+        q = linear(probe, q_weight, q_bias).view(1, 1, heads, self.head_dim)
         q = q.transpose(1, 2).expand(batch, heads, 1, self.head_dim)
-        kv = linear(hidden_state, self.kv_proj.weight, self.kv_proj.bias).view(batch, seq, 2, heads, self.head_dim)
+        kv_weight, kv_bias = cast_like(self.kv_proj.weight, hidden_state), cast_like(self.kv_proj.bias, hidden_state)
+        kv = linear(hidden_state, kv_weight, kv_bias).view(batch, seq, 2, heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         # One query row per image: the eager fp32-softmax reference costs nothing next to the encoder.
         pooled = self.out_proj(attention_reference(q, k, v))
@@ -122,8 +125,8 @@ class SiglipTextTransformer(TextTransformer):
     causal = False
     encoder_cls = SiglipEncoder
 
-    def __init__(self, prefix: str, config: SiglipTextConfig, weights: Weights):
-        super().__init__(prefix, config, weights)
+    def __init__(self, prefix: str, config: SiglipTextConfig, weights: Weights, num_layers: int | None = None):
+        super().__init__(prefix, config, weights, num_layers)
         out = getattr(config, "projection_size", None) or config.hidden_size
         self.head = ReplicatedLinear.load(
             join(prefix, "head"), weights, in_features=config.hidden_size, out_features=out, bias=True
@@ -162,3 +165,9 @@ class SiglipModel(DualEncoder):
 
     def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         return (text_embeds @ image_embeds.t()) * self.logit_scale.exp() + self.logit_bias
+
+    def loss(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+        """The sigmoid loss (Zhai et al. 2023, eq. 1): +1 labels on the diagonal, -1 elsewhere, summed over
+        images and averaged over texts, as transformers computes it."""
+        labels = 2 * torch.eye(logits_per_text.shape[0], device=logits_per_text.device) - 1
+        return -F.logsigmoid(labels * logits_per_text).sum(dim=-1).mean()

@@ -1,17 +1,24 @@
 """One pre-norm transformer trunk; CLIP and SigLIP (clip.py, siglip.py) are presets on it.
 
 The residual stream is carried as a pair ``(delta, residual)``: each sub-block returns only its delta, and the
-next LayerNorm adds it to the residual in the same pass that normalises (``kernels.layer_norm``), so no layer
-spends a separate pass on ``hidden = residual + delta``. The full hidden state is materialised only where it
-is returned (``output_hidden_states``, ``feature_layers``, the last layer).
+next LayerNorm adds it to the residual in the same pass that normalises (``layer_norm``), so no layer spends a
+separate pass on ``hidden = residual + delta``. The full hidden state is materialised only where it is returned
+(``output_hidden_states``, ``feature_layers``, the last layer).
 
 Tensor parallelism follows Megatron-LM: heads and MLP columns split across ranks, two all-reduces per layer
 (in ``RowParallelLinear.forward``). Modules read local head counts off their weights, never off the config.
+
+The towers take transformers 5.17's arguments in its positional order, with its config defaults
+(``output_hidden_states``, ``output_attentions``, ``return_dict``), and tolerate the extra keyword arguments its
+outer models pass down (LLaVA's ``image_sizes``, ``is_causal``). Under ``torch.autocast`` the trunk runs in the
+autocast dtype with the weights cast per op, as autocast does for ``F.linear``. The Triton interpreter cannot run
+bf16 ``tl.dot``, so a bf16 forward under ``TRITON_INTERPRET=1`` runs every op on its eager reference instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vitriton.encoders.pretrained import PretrainedMixin
-from vitriton.kernels import attention, layer_norm
+from vitriton.kernels._dispatch import eager_mode, interpreting
+from vitriton.kernels.attention import attention
+from vitriton.kernels.layernorm import layer_norm
 from vitriton.kernels.linear import check_activation
 from vitriton.parallel import (
     ColumnParallelLinear,
@@ -28,8 +36,8 @@ from vitriton.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     Weights,
+    cast_like,
     frozen,
-    get_rank,
     get_world_size,
     join,
 )
@@ -46,7 +54,46 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+        return layer_norm(x, cast_like(self.weight, x), cast_like(self.bias, x), self.eps, residual)
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention, for calls that ask for the weights: masked scores are set to the dtype's
+    minimum, so a query row with no key left is uniform over all keys, as transformers' eager path gives (the
+    fused kernel and transformers' default sdpa path give that row zeros). Softmax in fp32.
+
+    Returns ``(out (B, S, H * D), weights (B, H, S, S))``.
+    """
+    batch, heads, seq, head_dim = q.shape
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = None
+    if causal:
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        keys = key_padding_mask.to(torch.bool)[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    return out, weights
+
+
+def gather_heads(weights: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Attention weights of every rank's heads, in head order (each rank holds a contiguous block of heads)."""
+    if get_world_size(group) == 1:
+        return weights
+    parts = [torch.empty_like(weights) for _ in range(get_world_size(group))]
+    dist.all_gather(parts, weights.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 class Attention(nn.Module):
@@ -70,11 +117,22 @@ class Attention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, *, causal: bool = False, key_padding_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(out, weights)``; weights (all heads, gathered) only with ``output_attentions``."""
         q, k, v = self.qkv(x)
+        if output_attentions:
+            out, weights = attention_with_weights(
+                q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask
+            )
+            return self.out_proj(out), gather_heads(weights, self.out_proj.process_group)
         out = attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
-        return self.out_proj(out)
+        return self.out_proj(out), None
 
 
 class MLP(nn.Module):
@@ -117,51 +175,97 @@ class EncoderLayer(nn.Module):
         *,
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         normed, residual = self.layer_norm1(delta, residual)
-        delta = self.self_attn(normed, causal=causal, key_padding_mask=key_padding_mask)
+        delta, weights = self.self_attn(
+            normed, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
+        )
         normed, residual = self.layer_norm2(delta, residual)
-        return self.mlp(normed), residual
+        return self.mlp(normed), residual, weights
+
+
+class EncoderOutput:
+    """What :class:`Encoder` returns: the last ``(delta, residual)`` pair, the recorded hidden states in the
+    order asked, and the attention weights of the layers that ran (or None)."""
+
+    __slots__ = ("delta", "residual", "hidden_states", "attentions")
+
+    def __init__(self, delta, residual, hidden_states, attentions):
+        self.delta, self.residual = delta, residual
+        self.hidden_states, self.attentions = hidden_states, attentions
+
+    def last(self) -> torch.Tensor:
+        return self.delta if self.residual is None else self.delta + self.residual
 
 
 class Encoder(nn.Module):
-    """The stack of layers. ``forward`` runs the first ``num_layers`` and records the hidden states whose
-    indices are in ``record`` (0 = the input, i = the output of layer i), as transformers numbers them."""
+    """The stack of layers. ``num_hidden_layers`` is the config's depth, by which negative feature-layer indices
+    count; ``num_layers`` (at most that) is how many are built, for callers that never need the later ones."""
 
     layer_cls: type[EncoderLayer] = EncoderLayer
 
-    def __init__(self, prefix: str, config, weights: Weights):
+    def __init__(self, prefix: str, config, weights: Weights, num_layers: int | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(
-            self.layer_cls(join(prefix, f"layers.{i}"), config, weights) for i in range(config.num_hidden_layers)
-        )
+        self.num_hidden_layers = config.num_hidden_layers
+        built = self.num_hidden_layers if num_layers is None else num_layers
+        self.layers = nn.ModuleList(self.layer_cls(join(prefix, f"layers.{i}"), config, weights) for i in range(built))
 
     def forward(
         self,
         hidden: torch.Tensor,
         *,
+        depth: int,
+        record: Sequence[int] = (),
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
-        num_layers: int | None = None,
-        record: Sequence[int] = (),
-    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
-        """Returns ``(delta, residual, states)``; the output hidden state is ``delta + residual``."""
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
+        """Runs the first ``depth`` layers, recording the hidden states whose indices are in ``record``
+        (0 = the input, i = the output of layer i, as transformers numbers them)."""
         states = {0: hidden} if 0 in record else {}
+        attentions = []
         delta, residual = hidden, None
-        for index, layer in enumerate(self.layers[:num_layers], start=1):
-            delta, residual = layer(delta, residual, causal=causal, key_padding_mask=key_padding_mask)
-            if index in record:
-                states[index] = delta + residual
-        return delta, residual, states
+        for index in range(depth):
+            delta, residual, weights = self.layers[index](
+                delta, residual, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
+            )
+            attentions.append(weights)
+            if index + 1 in record:
+                states[index + 1] = delta + residual
+        return EncoderOutput(
+            delta,
+            residual,
+            tuple(states[i] for i in record) if record else None,
+            tuple(attentions) if output_attentions else None,
+        )
+
+
+def check_feature_layers(feature_layers) -> list[int]:
+    """``feature_layers`` as a list of ints: an int, or a non-empty sequence of ints (bools and strings are not)."""
+
+    def is_index(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if is_index(feature_layers):
+        return [feature_layers]
+    if isinstance(feature_layers, Sequence) and not isinstance(feature_layers, str):
+        bad = [value for value in feature_layers if not is_index(value)]
+        if not bad and feature_layers:
+            return list(feature_layers)
+        if not feature_layers:
+            raise ValueError("feature_layers is empty; give an int or a non-empty list of ints, e.g. -2 or [-2, -1]")
+        raise TypeError(f"feature_layers holds {bad!r}; each entry must be an int layer index, e.g. [-2, -1]")
+    raise TypeError(
+        f"feature_layers={feature_layers!r} is a {type(feature_layers).__name__}; expected an int or a list of ints, "
+        f"e.g. -2 or [-2, -1]"
+    )
 
 
 def resolve_feature_layers(feature_layers: int | Sequence[int], num_layers: int) -> list[int]:
     """Maps feature layer indices (negative allowed, as LLaVA's ``vision_feature_layer = -2``) to 0..num_layers."""
-    requested = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
-    if not requested:
-        raise ValueError("feature_layers is empty; give an int or a non-empty list of ints")
     resolved = []
-    for index in requested:
+    for index in check_feature_layers(feature_layers):
         if not -(num_layers + 1) <= index <= num_layers:
             raise ValueError(
                 f"feature layer {index} is out of range: the encoder has {num_layers} layers, so hidden states are "
@@ -171,85 +275,83 @@ def resolve_feature_layers(feature_layers: int | Sequence[int], num_layers: int)
     return resolved
 
 
-class Tower(nn.Module):
-    """Shared plumbing of the vision and text towers: running the encoder with recording and
-    feature-layer truncation, and the data-parallel mode (each rank runs its share of the batch)."""
+def returned(output, return_dict: bool):
+    """transformers' ``return_dict=False``: the output's non-None fields as a tuple (nested outputs too)."""
+    return output if return_dict else output.to_tuple()
 
+
+def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype of ``x``'s device when autocast is on there, else the weights' dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
+def interpreter_guard(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """The eager references for a bf16 forward on CPU under TRITON_INTERPRET=1: the interpreter cannot run bf16
+    ``tl.dot`` and would return garbage."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and interpreting():
+        return eager_mode()
+    return contextlib.nullcontext()
+
+
+class Tower(nn.Module):
+    """What the vision and text towers share: transformers' output options with their config defaults, and the
+    plan of which layers run and which hidden states are kept."""
+
+    config: object
     encoder: Encoder
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.data_group: ProcessGroup | None = None
-
-    def run_encoder(
+    def options(
         self,
-        hidden: torch.Tensor,
-        finish: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
-        *,
-        output_hidden_states: bool,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        return_dict: bool | None,
         feature_layers: int | Sequence[int] | None,
-        causal: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> BaseModelOutputWithPooling:
-        """Runs the encoder and ``finish(delta, residual) -> (last_hidden_state, pooler_output)``.
+    ) -> tuple[list[int], int, bool, bool]:
+        """Returns ``(record, depth, output_attentions, return_dict)``.
 
-        With ``feature_layers``, hidden_states holds the requested layers in the order asked, and the layers
-        after the deepest one are not run; unless that is the last layer, last_hidden_state is the deepest
-        requested state (un-normalised) and pooler_output is None.
+        With ``feature_layers``, hidden_states holds the requested layers in the order asked, and the layers after
+        the deepest one are not run; unless that is the last layer, last_hidden_state is the deepest requested
+        state (un-normalised) and pooler_output is None.
         """
-        total = len(self.encoder.layers)
+        config = self.config
+        if output_hidden_states is None:
+            output_hidden_states = getattr(config, "output_hidden_states", False)
+        if output_attentions is None:
+            output_attentions = getattr(config, "output_attentions", False)
+        if return_dict is None:
+            return_dict = getattr(config, "return_dict", True)
+        total = self.encoder.num_hidden_layers
         if feature_layers is not None:
-            wanted = resolve_feature_layers(feature_layers, total)
-            depth = max(wanted)
+            record = resolve_feature_layers(feature_layers, total)
+            depth = max(record)
         else:
-            wanted = list(range(total + 1)) if output_hidden_states else []
+            record = list(range(total + 1)) if output_hidden_states else []
             depth = total
-        delta, residual, states = self.encoder(
-            hidden, causal=causal, key_padding_mask=key_padding_mask, num_layers=depth, record=wanted
-        )
-        hidden_states = tuple(states[i] for i in wanted) if wanted else None
-        if depth < total:
-            return BaseModelOutputWithPooling(last_hidden_state=states[depth], hidden_states=hidden_states)
-        last_hidden_state, pooler_output = finish(delta, residual)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state, pooler_output=pooler_output, hidden_states=hidden_states
-        )
+        built = len(self.encoder.layers)
+        if depth > built:
+            raise ValueError(
+                f"this tower was loaded with its first {built} of {total} layers, so it cannot run to layer {depth}; "
+                f"load it with a larger num_layers (or without feature_layers / num_layers) to run the whole tower"
+            )
+        return record, depth, bool(output_attentions), bool(return_dict)
 
-    def data_parallel(
-        self, run: Callable[..., BaseModelOutputWithPooling], batch: int, **inputs
-    ) -> BaseModelOutputWithPooling:
-        """In data mode, runs ``run`` on this rank's rows of every input whose first dimension is the batch
-        and all-gathers the outputs, so every rank returns the whole batch. Otherwise runs ``run`` as is."""
-        world = get_world_size(self.data_group)
-        if world == 1:
-            return run(**inputs)
-        sizes = [batch // world + (1 if r < batch % world else 0) for r in range(world)]
-        start = sum(sizes[: get_rank(self.data_group)])
-        mine = sizes[get_rank(self.data_group)]
-        local = {
-            k: t[start : start + mine] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
-            for k, t in inputs.items()
-        }
-        out = run(**local)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=_gather(out.last_hidden_state, sizes, self.data_group),
-            pooler_output=_gather(out.pooler_output, sizes, self.data_group),
-            hidden_states=None
-            if out.hidden_states is None
-            else tuple(_gather(h, sizes, self.data_group) for h in out.hidden_states),
+    @staticmethod
+    def output(
+        encoded: EncoderOutput, head: tuple[torch.Tensor, torch.Tensor | None] | None, return_dict: bool
+    ) -> BaseModelOutputWithPooling | tuple:
+        """transformers' output from the encoder's and the head's: without the head (a tower stopped early by
+        ``feature_layers``), last_hidden_state is the deepest state run and pooler_output is None."""
+        last_hidden_state, pooler_output = (encoded.last(), None) if head is None else head
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
-
-
-def _gather(tensor: torch.Tensor | None, sizes: list[int], group: ProcessGroup) -> torch.Tensor | None:
-    """All-gathers rows of uneven per-rank batches (padded to the largest share on the wire)."""
-    if tensor is None:
-        return None
-    largest = max(sizes)
-    padded = tensor.new_zeros(largest, *tensor.shape[1:])
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
+        return returned(output, return_dict)
 
 
 class PatchEmbeddings(nn.Module):
@@ -274,12 +376,19 @@ class PatchEmbeddings(nn.Module):
         )
 
     def check(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values is a {type(pixel_values).__name__}; expected a (batch, 3, H, W) tensor")
         if pixel_values.dim() != 4:
             raise ValueError(
                 f"pixel_values must be 4-d (batch, channels, height, width); got shape {tuple(pixel_values.shape)}"
             )
         _, channels, height, width = pixel_values.shape
         if channels != self.num_channels:
+            if pixel_values.shape[-1] == self.num_channels:
+                raise ValueError(
+                    f"pixel_values has shape {tuple(pixel_values.shape)}: the channel dimension looks last (NHWC); "
+                    f"pass pixel_values.permute(0, 3, 1, 2) (batch, {self.num_channels}, height, width)"
+                )
             raise ValueError(f"pixel_values has {channels} channels; the config expects {self.num_channels}")
         if interpolate_pos_encoding:
             if height < self.patch_size or width < self.patch_size:
@@ -311,13 +420,18 @@ class PatchEmbeddings(nn.Module):
         grid_h, grid_w = patches.shape[-2:]
         tokens = patches.flatten(2).transpose(1, 2)
         if self.class_embedding is not None:
-            cls = self.class_embedding.expand(tokens.shape[0], 1, -1)
+            cls = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
             tokens = torch.cat([cls, tokens], dim=1)
         return tokens + self.positions(grid_h, grid_w)
 
 
 class TextEmbeddings(nn.Module):
-    """Vocabulary-parallel token embedding plus a replicated learned position table."""
+    """Vocabulary-parallel token embedding plus a replicated learned position table.
+
+    Ids are checked without waiting for the device: CPU ids in eager mode raise a ValueError before the lookup;
+    CUDA ids (and any ids under torch.compile) go through ``torch._assert_async``, which fails the next
+    synchronising call with a message naming the problem.
+    """
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
@@ -337,17 +451,20 @@ class TextEmbeddings(nn.Module):
         seq = input_ids.shape[-1]
         if seq > self.max_positions:
             raise ValueError(f"text has {seq} tokens; the position table holds {self.max_positions}")
-        # Value checks read the ids on the host; inside CUDA-graph capture (replays of checked shapes) skip them.
-        capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
-        if input_ids.numel() and not capturing:
-            low, high = input_ids.min().item(), input_ids.max().item()
-            if low < 0 or high >= self.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab_size} tokens")
-        if position_ids is not None and position_ids.numel() and not capturing:
-            low, high = position_ids.min().item(), position_ids.max().item()
-            if low < 0 or high >= self.max_positions:
-                raise ValueError(f"position id {high if high >= 0 else low} is outside 0..{self.max_positions - 1}")
+        self.check_range(input_ids, self.vocab_size, "token id", f"the vocabulary of {self.vocab_size} tokens")
+        if position_ids is not None:
+            self.check_range(position_ids, self.max_positions, "position id", f"0..{self.max_positions - 1}")
+
+    @staticmethod
+    def check_range(ids: torch.Tensor, limit: int, what: str, allowed: str) -> None:
+        if not ids.numel():
+            return
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = ids.min().item(), ids.max().item()
+            if low < 0 or high >= limit:
+                raise ValueError(f"{what} {low if low < 0 else high} is outside {allowed}")
+        else:
+            torch._assert_async(((ids >= 0) & (ids < limit)).all(), f"a {what} is outside {allowed}")
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         self.check(input_ids, position_ids)
@@ -358,8 +475,14 @@ class TextEmbeddings(nn.Module):
 
 
 class VisionTransformer(Tower):
-    """The ViT trunk. Presets choose: a class token and a pre-encoder LayerNorm (CLIP), which LayerNorm is
-    applied to what after the encoder, and the pooling (CLS token, or SigLIP's attention-pooling head)."""
+    """The ViT trunk, read as timm's ``forward_features`` / ``forward_head``: patch embeddings -> (pre-norm) ->
+    encoder -> head. Presets choose a class token and a pre-encoder LayerNorm (CLIP), which LayerNorm is applied
+    to what after the encoder, and the pooling (CLS token, or SigLIP's attention-pooling head).
+
+    Takes what transformers 5.17's ``CLIPVisionModel`` / ``SiglipVisionModel`` take (they are the towers that
+    ``CLIPModel``, ``SiglipModel`` and LLaVA call), plus the keyword-only ``feature_layers``. ``output_attentions``
+    runs that call's attention through transformers' eager formula to return the weights.
+    """
 
     class_token: bool = True
     conv_bias: bool = False
@@ -368,7 +491,7 @@ class VisionTransformer(Tower):
     norm_all_tokens: bool = False
     encoder_cls: type[Encoder] = Encoder
 
-    def __init__(self, prefix: str, config, weights: Weights):
+    def __init__(self, prefix: str, config, weights: Weights, num_layers: int | None = None):
         super().__init__()
         self.config = config
         hidden, eps = config.hidden_size, config.layer_norm_eps
@@ -376,227 +499,130 @@ class VisionTransformer(Tower):
             join(prefix, "embeddings"), config, weights, class_token=self.class_token, conv_bias=self.conv_bias
         )
         self.pre_layrnorm = LayerNorm(join(prefix, "pre_layrnorm"), weights, hidden, eps) if self.pre_norm else None
-        self.encoder = self.encoder_cls(join(prefix, "encoder"), config, weights)
-        self.post_layernorm = LayerNorm(join(prefix, "post_layernorm"), weights, hidden, eps)
-        self.head = self.build_head(join(prefix, "head"), config, weights)
+        self.encoder = self.encoder_cls(join(prefix, "encoder"), config, weights, num_layers)
+        # A truncated tower never reaches its head: do not load it.
+        whole = len(self.encoder.layers) == config.num_hidden_layers
+        self.post_layernorm = LayerNorm(join(prefix, "post_layernorm"), weights, hidden, eps) if whole else None
+        self.head = self.build_head(join(prefix, "head"), config, weights) if whole else None
 
     def build_head(self, prefix: str, config, weights: Weights) -> nn.Module | None:
         return None
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = False,
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        self.embeddings.check(pixel_values, interpolate_pos_encoding)
-        run = self._forward_local
-        return self.data_parallel(
-            run,
-            pixel_values.shape[0],
-            pixel_values=pixel_values,
-            output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            feature_layers=feature_layers,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        record, depth, output_attentions, return_dict = self.options(
+            output_hidden_states, output_attentions, return_dict, feature_layers
         )
+        if pixel_values is None:
+            raise ValueError("pixel_values is required: a (batch, channels, height, width) tensor")
+        hidden = self.embeddings(pixel_values, bool(interpolate_pos_encoding))
+        dtype = compute_dtype(hidden, self.embeddings.patch_weight.dtype)
+        with interpreter_guard(dtype, hidden.device):
+            hidden = hidden.to(dtype)
+            if self.pre_layrnorm is not None:
+                hidden, _ = self.pre_layrnorm(hidden)
+            encoded = self.encoder(hidden, depth=depth, record=record, output_attentions=output_attentions)
+            head = self.forward_head(encoded) if depth == self.encoder.num_hidden_layers else None
+        return self.output(encoded, head, return_dict)
 
-    def _forward_local(
-        self, pixel_values, output_hidden_states, interpolate_pos_encoding, feature_layers
-    ) -> BaseModelOutputWithPooling:
-        hidden = self.embeddings(pixel_values, interpolate_pos_encoding)
-        if self.pre_layrnorm is not None:
-            hidden, _ = self.pre_layrnorm(hidden)
-        return self.run_encoder(
-            hidden, self.finish, output_hidden_states=output_hidden_states, feature_layers=feature_layers
-        )
-
-    def finish(self, delta: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_head(self, encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(last_hidden_state, pooler_output)`` from the encoder's last ``(delta, residual)``."""
         if self.norm_all_tokens:
-            last, _ = self.post_layernorm(delta, residual)
+            last, _ = self.post_layernorm(encoded.delta, encoded.residual)
             return last, None if self.head is None else self.head(last)
-        last = delta if residual is None else delta + residual
+        last = encoded.last()
         pooled, _ = self.post_layernorm(last[:, 0])
         return last, pooled
 
 
 class TextTransformer(Tower):
-    """The text trunk: token + position embeddings, encoder, final LayerNorm, and a pooling preset."""
+    """The text trunk: token + position embeddings -> encoder -> final LayerNorm -> pooling preset.
+
+    Takes what transformers 5.17's ``CLIPTextModel`` / ``SiglipTextModel`` take, plus the keyword-only
+    ``feature_layers``; ``attention_mask`` is the tokenizer's 2-d (batch, seq) mask of 1s and 0s.
+    """
 
     causal: bool = False
     encoder_cls: type[Encoder] = Encoder
 
-    def __init__(self, prefix: str, config, weights: Weights):
+    def __init__(self, prefix: str, config, weights: Weights, num_layers: int | None = None):
         super().__init__()
         self.config = config
         self.embeddings = TextEmbeddings(join(prefix, "embeddings"), config, weights)
-        self.encoder = self.encoder_cls(join(prefix, "encoder"), config, weights)
-        self.final_layer_norm = LayerNorm(
-            join(prefix, "final_layer_norm"), weights, config.hidden_size, config.layer_norm_eps
+        self.encoder = self.encoder_cls(join(prefix, "encoder"), config, weights, num_layers)
+        whole = len(self.encoder.layers) == config.num_hidden_layers
+        self.final_layer_norm = (
+            LayerNorm(join(prefix, "final_layer_norm"), weights, config.hidden_size, config.layer_norm_eps)
+            if whole
+            else None
         )
 
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define its pooling")
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        *,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        record, depth, output_attentions, return_dict = self.options(
+            output_hidden_states, output_attentions, return_dict, feature_layers
+        )
         if input_ids is None:
-            raise ValueError("input_ids is required")
+            raise ValueError("input_ids is required: a (batch, seq) tensor of token ids")
         input_ids = input_ids.reshape(-1, input_ids.shape[-1])
-        if attention_mask is not None:
-            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; input_ids has {tuple(input_ids.shape)}"
-                )
+        key_padding_mask = None if attention_mask is None else self.padding_mask(attention_mask, input_ids)
         if position_ids is not None:
             position_ids = position_ids.reshape(-1, position_ids.shape[-1])
-        self.embeddings.check(input_ids, position_ids)
-        return self.data_parallel(
-            self._forward_local,
-            input_ids.shape[0],
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=output_hidden_states,
-            feature_layers=feature_layers,
-        )
-
-    def _forward_local(
-        self, input_ids, attention_mask, position_ids, output_hidden_states, feature_layers
-    ) -> BaseModelOutputWithPooling:
         hidden = self.embeddings(input_ids, position_ids)
-        key_padding_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        dtype = compute_dtype(hidden, self.embeddings.position_embedding.dtype)
+        with interpreter_guard(dtype, hidden.device):
+            encoded = self.encoder(
+                hidden.to(dtype),
+                depth=depth,
+                record=record,
+                causal=self.causal,
+                key_padding_mask=key_padding_mask,
+                output_attentions=output_attentions,
+            )
+            head = self.forward_head(encoded, input_ids) if depth == self.encoder.num_hidden_layers else None
+        return self.output(encoded, head, return_dict)
 
-        def finish(delta, residual):
-            last, _ = self.final_layer_norm(delta, residual)
-            return last, self.pool(last, input_ids)
+    def forward_head(self, encoded: EncoderOutput, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last, _ = self.final_layer_norm(encoded.delta, encoded.residual)
+        return last, self.pool(last, input_ids)
 
-        return self.run_encoder(
-            hidden,
-            finish,
-            output_hidden_states=output_hidden_states,
-            feature_layers=feature_layers,
-            causal=self.causal,
-            key_padding_mask=key_padding_mask,
-        )
+    @staticmethod
+    def padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (batch, seq) bool mask of keys to attend to, from the tokenizer's mask."""
+        if attention_mask.dim() == 4:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, a 4-d (batch, heads, query, key) mask; "
+                f"pass the tokenizer's 2-d (batch, seq) mask of 1s and 0s (the causal part is built in)"
+            )
+        attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; input_ids has {tuple(input_ids.shape)}"
+            )
+        return attention_mask.to(torch.bool)
 
 
 def normalize(embeds: torch.Tensor) -> torch.Tensor:
     return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
-
-
-class VisionModel(PretrainedMixin, nn.Module):
-    """A vision tower as transformers' ``*VisionModel``: the transformer under ``.vision_model``."""
-
-    tower = "vision"
-    transformer_cls: type[VisionTransformer]
-
-    def __init__(self, prefix: str, config, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.vision_model = self.transformer_cls(prefix, config, weights)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool = False,
-        interpolate_pos_encoding: bool = False,
-        feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        return self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding, feature_layers)
-
-
-class TextModel(PretrainedMixin, nn.Module):
-    """A text tower as transformers' ``*TextModel``: the transformer under ``.text_model``."""
-
-    tower = "text"
-    transformer_cls: type[TextTransformer]
-
-    def __init__(self, prefix: str, config, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.text_model = self.transformer_cls(prefix, config, weights)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        feature_layers: int | Sequence[int] | None = None,
-    ) -> BaseModelOutputWithPooling:
-        return self.text_model(input_ids, attention_mask, position_ids, output_hidden_states, feature_layers)
-
-
-class DualEncoder(PretrainedMixin, nn.Module):
-    """Both towers and the image-text logits. Presets add their projections (``project_image``,
-    ``project_text``) and the logit formula (``logits``)."""
-
-    tower = None
-    vision_cls: type[VisionTransformer]
-    text_cls: type[TextTransformer]
-    output_cls: type
-
-    def __init__(self, prefix: str, config, weights: Weights):
-        super().__init__()
-        self.config = config
-        self.text_model = self.text_cls(join(prefix, "text_model"), config.text_config, weights)
-        self.vision_model = self.vision_cls(join(prefix, "vision_model"), config.vision_config, weights)
-
-    def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
-        return pooled
-
-    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
-        return pooled
-
-    def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def get_image_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, output_hidden_states: bool = False
-    ) -> BaseModelOutputWithPooling:
-        """The vision tower's output with ``pooler_output`` replaced by the image embedding (projected where
-        the model has a projection), as transformers 5 returns it."""
-        out = self.vision_model(pixel_values, output_hidden_states, interpolate_pos_encoding)
-        out.pooler_output = self.project_image(out.pooler_output)
-        return out
-
-    def get_text_features(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> BaseModelOutputWithPooling:
-        out = self.text_model(input_ids, attention_mask, position_ids, output_hidden_states)
-        out.pooler_output = self.project_text(out.pooler_output)
-        return out
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-    ):
-        vision = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text = self.get_text_features(input_ids, attention_mask, position_ids, output_hidden_states)
-        image_embeds, text_embeds = normalize(vision.pooler_output), normalize(text.pooler_output)
-        logits_per_text = self.logits(text_embeds, image_embeds)
-        return self.output_cls(
-            logits_per_image=logits_per_text.t(),
-            logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
-            text_model_output=text,
-            vision_model_output=vision,
-        )

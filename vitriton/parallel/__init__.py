@@ -1,5 +1,6 @@
 """Process groups, rank-sliced checkpoint loading, and the tensor-parallel layers the encoders are built from."""
 
+from vitriton.parallel.data import DataParallel, SameInputs, check_same_inputs
 from vitriton.parallel.group import (
     Shard,
     ceil_shard,
@@ -16,6 +17,7 @@ from vitriton.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     all_reduce,
+    cast_like,
     frozen,
 )
 from vitriton.parallel.weights import CheckpointError, Weights, checkpoint_files, join
@@ -23,13 +25,17 @@ from vitriton.parallel.weights import CheckpointError, Weights, checkpoint_files
 __all__ = [
     "CheckpointError",
     "ColumnParallelLinear",
+    "DataParallel",
     "QKVParallelLinear",
     "ReplicatedLinear",
     "RowParallelLinear",
+    "SameInputs",
     "Shard",
     "VocabParallelEmbedding",
     "Weights",
     "all_reduce",
+    "cast_like",
+    "check_same_inputs",
     "frozen",
     "ceil_shard",
     "checkpoint_files",

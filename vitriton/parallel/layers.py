@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vitriton.kernels import linear, qkv_projection
+from vitriton.kernels.linear import linear
+from vitriton.kernels.qkv import qkv_projection
 from vitriton.parallel.group import ProcessGroup, Shard, ceil_shard, even_shard, get_rank, get_world_size
 from vitriton.parallel.weights import Weights, join
 
@@ -22,6 +23,14 @@ from vitriton.parallel.weights import Weights, join
 def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
     """An inference-only parameter (no grad), or None."""
     return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+
+
+def cast_like(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``param`` in ``x``'s dtype. Under torch.autocast the activations run in the autocast dtype while the
+    weights keep theirs; like autocast for ``F.linear``, each op casts its weights per call."""
+    if param is None or param.dtype == x.dtype:
+        return param
+    return param.to(x.dtype)
 
 
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -48,7 +57,7 @@ class ReplicatedLinear(nn.Module):
         return cls(weight, b)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, activation)
+        return linear(x, cast_like(self.weight, x), cast_like(self.bias, x), activation)
 
 
 class ColumnParallelLinear(ReplicatedLinear):
@@ -97,8 +106,8 @@ class RowParallelLinear(ReplicatedLinear):
         return cls(weight, b, weights.process_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if get_rank(self.process_group) == 0 else None
-        return all_reduce(linear(x, self.weight, bias), self.process_group)
+        bias = cast_like(self.bias, x) if get_rank(self.process_group) == 0 else None
+        return all_reduce(linear(x, cast_like(self.weight, x), bias), self.process_group)
 
 
 class QKVParallelLinear(nn.Module):
@@ -158,7 +167,7 @@ class QKVParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return qkv_projection(x, self.weight, self.bias, self.num_heads)
+        return qkv_projection(x, cast_like(self.weight, x), cast_like(self.bias, x), self.num_heads)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,140 @@
+"""vitriton's classes called exactly as transformers' are, with the same positional and keyword arguments:
+the same outputs (fp32, 1e-4 relative), tuples with return_dict=False, attention weights, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.utils import ModelOutput
+
+import vitriton
+from tests.encoders import models
+
+
+def assert_same(ours, ref, what: str = "output") -> None:
+    """Field by field (ModelOutput) or item by item (tuple), recursively, within 1e-4 relative."""
+    if isinstance(ref, ModelOutput):
+        assert isinstance(ours, type(ref)), f"{what}: {type(ours).__name__} is not a {type(ref).__name__}"
+        assert list(ours.keys()) == list(ref.keys()), f"{what}: fields {list(ours.keys())} != {list(ref.keys())}"
+        for key in ref.keys():
+            assert_same(ours[key], ref[key], f"{what}.{key}")
+    elif isinstance(ref, tuple):
+        assert isinstance(ours, tuple) and len(ours) == len(ref), f"{what}: {type(ours)} of {len(ours)} != {len(ref)}"
+        for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+            assert_same(a, b, f"{what}[{i}]")
+    else:
+        assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+        scale = max(ref.abs().max().item(), 1e-6)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def eager(model):
+    """transformers returns attention weights from its eager attention only."""
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.fixture(scope="module")
+def clip_pair():
+    hf = eager(models.clip_model())
+    return hf, vitriton.from_transformers(hf)
+
+
+@pytest.fixture(scope="module")
+def siglip_pair():
+    hf = eager(models.siglip_model())
+    return hf, vitriton.from_transformers(hf)
+
+
+def pair(family, clip_pair, siglip_pair):
+    return (clip_pair if family == "clip" else siglip_pair), (40 if family == "clip" else 35)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_inner_towers_take_what_outer_models_pass(family, clip_pair, siglip_pair):
+    """The calls transformers' CLIPModel / SiglipModel / LLaVA make on .vision_model / .text_model / vision_tower."""
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px = models.pixels(2, size, seed=11)
+    ids, mask = models.text(2, 9, seed=11)
+    call = dict(interpolate_pos_encoding=False, return_dict=True, output_hidden_states=True, output_attentions=True)
+    assert_same(ours.vision_model(pixel_values=px, **call), hf.vision_model(pixel_values=px, **call), "vision")
+    llava = dict(output_hidden_states=True, return_dict=True, image_sizes=None)
+    assert_same(ours.vision_model(px, **llava), hf.vision_model(px, **llava), "vision as LLaVA calls it")
+    text = dict(input_ids=ids, attention_mask=mask, position_ids=None, return_dict=True, output_attentions=True)
+    assert_same(ours.text_model(**text), hf.text_model(**text), "text")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_full_model_positional_tuple_and_loss(family, clip_pair, siglip_pair):
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px = models.pixels(3, size, seed=12)
+    ids, mask = models.text(3, 10, seed=12)
+    args = (ids, px, mask, None, True, False)  # input_ids, pixel_values, attention_mask, position_ids, return_loss, ...
+    ref = hf(*args, return_dict=False, output_hidden_states=True)
+    out = ours(*args, return_dict=False, output_hidden_states=True)
+    assert_same(out, ref, family)
+    assert ref[0].dim() == 0 and torch.isfinite(out[0])  # the loss comes first
+    assert_same(ours(*args), hf(*args), f"{family} dict")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_features_and_towers_as_transformers(family, clip_pair, siglip_pair):
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px = models.pixels(2, size, seed=13)
+    ids, mask = models.text(2, 8, seed=13)
+    features = dict(return_dict=False)
+    assert_same(ours.get_image_features(px, False, **features), hf.get_image_features(px, False, **features))
+    assert_same(ours.get_text_features(ids, mask, None), hf.get_text_features(ids, mask, None))
+    vision_cls = getattr(transformers, f"{'CLIP' if family == 'clip' else 'Siglip'}VisionModel")
+    hf_vision = eager(vision_cls(hf.config.vision_config).eval())
+    hf_vision.load_state_dict(hf.vision_model.state_dict())
+    ours_vision = vitriton.from_transformers(hf_vision)
+    assert type(ours_vision).__name__ == vision_cls.__name__
+    assert_same(ours_vision(px, False, output_attentions=True), hf_vision(px, False, output_attentions=True))
+
+
+@torch.no_grad()
+def test_feature_layers_on_features(clip_pair):
+    hf, ours = clip_pair
+    px = models.pixels(2, 40, seed=14)
+    ref = hf.vision_model(px, output_hidden_states=True).hidden_states
+    out = ours.get_image_features(px, feature_layers=[-2, 1])
+    assert out.pooler_output is None
+    assert_same(out.hidden_states, (ref[-2], ref[1]), "feature layers")
+    full = ours.get_image_features(px, feature_layers=-1)
+    assert_same(full.pooler_output, hf.get_image_features(px).pooler_output, "projected with the last layer")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_fully_padded_text_row(family, implementation):
+    """A row whose mask is all zeros: transformers' sdpa path gives its queries zeros, its eager path (used for
+    output_attentions) uniform weights over all keys; vitriton gives each the same answer."""
+    hf = models.clip_model() if family == "clip" else models.siglip_model()
+    hf = hf.text_model
+    hf.set_attn_implementation(implementation)
+    ours = vitriton.from_transformers(hf)
+    ids, mask = models.text(3, 8, seed=15)
+    mask[1] = 0
+    weights = implementation == "eager"
+    ref = hf(ids, mask, output_attentions=weights)
+    assert_same(ours(ids, mask, output_attentions=weights), ref, implementation)
+
+
+@torch.no_grad()
+def test_with_projection_classes_load_as_themselves(tmp_path):
+    full = models.clip_model()
+    vision = transformers.CLIPVisionModelWithProjection(full.config.vision_config).eval()
+    text = transformers.CLIPTextModelWithProjection(full.config.text_config).eval()
+    px = models.pixels(2, 40, seed=16)
+    ids, mask = models.text(2, 7, seed=16)
+    for hf, args in ((vision, (px,)), (text, (ids, mask))):
+        ours = vitriton.from_pretrained(models.save(hf, tmp_path / type(hf).__name__))
+        assert type(ours).__name__ == type(hf).__name__
+        assert_same(ours(*args, output_hidden_states=True), hf(*args, output_hidden_states=True), type(hf).__name__)
+        assert_same(ours(*args, return_dict=False), hf(*args, return_dict=False), f"{type(hf).__name__} tuple")

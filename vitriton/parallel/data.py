@@ -1,0 +1,124 @@
+"""Wrappers that run a tower over a process group: :class:`DataParallel` (each rank runs its share of the batch,
+the outputs are all-gathered) and :class:`SameInputs` (tensor parallelism's opt-in input check).
+
+Under torchrun every rank calls the model. Tensor parallelism needs every rank to pass the same batch, data
+parallelism the same full batch; ranks that pass different inputs otherwise get wrong answers silently. With
+``check_inputs`` (or ``VITRITON_CHECK_INPUTS=1`` at load time) each call all-gathers a checksum of every input
+tensor and raises, on every rank, an error naming the ranks whose inputs differ from rank 0's. The check waits
+for the device, so it is a debugging aid, off by default.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.utils import ModelOutput
+
+from vitriton.parallel.group import ProcessGroup, get_rank, get_world_size
+
+
+def check_same_inputs(tensors: dict[str, torch.Tensor], group: ProcessGroup | None) -> None:
+    """Raises ValueError when the ranks of ``group`` hold different ``tensors`` (shapes, sums, sums of squares)."""
+    world = get_world_size(group)
+    if world == 1:
+        return
+    summary = []
+    for tensor in tensors.values():
+        values = tensor.detach().double()
+        summary += [tensor.dim(), *tensor.shape[:4], values.sum().item(), values.square().sum().item()]
+    mine = torch.tensor([len(summary), *summary], dtype=torch.float64)
+    width = torch.tensor([mine.numel()])
+    widths = [torch.empty_like(width) for _ in range(world)]
+    dist.all_gather(widths, width, group=group)
+    longest = max(int(w) for w in widths)
+    padded = torch.full((longest,), float("nan"), dtype=torch.float64)
+    padded[: mine.numel()] = mine
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    differ = [rank for rank in range(1, world) if not torch.equal(parts[rank].nan_to_num(), parts[0].nan_to_num())]
+    if differ:
+        raise ValueError(
+            f"ranks {differ} passed inputs ({', '.join(tensors)}) that differ from rank 0's; every rank must pass "
+            f"the same batch (tensor parallelism) or the same full batch (data parallelism)"
+        )
+
+
+def input_tensors(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    named = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    named.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return named
+
+
+class TowerWrapper(nn.Module):
+    """Holds a tower as ``.module``; attributes it does not have are read from the tower (``.config``,
+    ``.encoder``), so code that inspects the tower keeps working."""
+
+    def __init__(self, module: nn.Module, process_group: ProcessGroup | None):
+        super().__init__()
+        self.module = module
+        self.process_group = process_group
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+
+class SameInputs(TowerWrapper):
+    """Checks that every rank passed the same inputs, then runs the tower."""
+
+    def forward(self, *args, **kwargs):
+        check_same_inputs(input_tensors(args, kwargs), self.process_group)
+        return self.module(*args, **kwargs)
+
+
+class DataParallel(TowerWrapper):
+    """Runs the tower on this rank's rows of every input whose first dimension is the batch (the first tensor
+    argument's) and all-gathers every output, so each rank returns the whole batch. Every rank holds the full
+    weights and must pass the same full batch."""
+
+    def __init__(self, module: nn.Module, process_group: ProcessGroup | None, *, check_inputs: bool = False):
+        super().__init__(module, process_group)
+        self.check_inputs = check_inputs
+
+    def forward(self, *args, return_dict: bool | None = None, **kwargs):
+        group = self.process_group
+        world = get_world_size(group)
+        if self.check_inputs:
+            check_same_inputs(input_tensors(args, kwargs), group)
+        tensors = list(input_tensors(args, kwargs).values())
+        if world == 1 or not tensors:
+            return self.module(*args, return_dict=return_dict, **kwargs)
+        batch = tensors[0].shape[0]
+        sizes = [batch // world + (1 if r < batch % world else 0) for r in range(world)]
+        start = sum(sizes[: get_rank(group)])
+        stop = start + sizes[get_rank(group)]
+
+        def local(value):
+            is_batched = isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch
+            return value[start:stop] if is_batched else value
+
+        out = self.module(*(local(a) for a in args), return_dict=True, **{k: local(v) for k, v in kwargs.items()})
+        gathered = type(out)(**{key: gather_rows(value, sizes, group) for key, value in out.items()})
+        if return_dict is None:
+            return_dict = getattr(self.module.config, "return_dict", True)
+        return gathered if return_dict else gathered.to_tuple()
+
+
+def gather_rows(value, sizes: list[int], group: ProcessGroup | None):
+    """All-gathers the rows of a tensor, or of each tensor of a tuple or ModelOutput, from uneven per-rank
+    batches (padded to the largest share on the wire)."""
+    if isinstance(value, ModelOutput):
+        return type(value)(**{key: gather_rows(v, sizes, group) for key, v in value.items()})
+    if isinstance(value, tuple):
+        return tuple(gather_rows(v, sizes, group) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    largest = max(sizes)
+    padded = value.new_zeros(largest, *value.shape[1:])
+    padded[: value.shape[0]] = value
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
