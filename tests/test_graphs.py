@@ -423,3 +423,37 @@ def test_enable_cuda_graphs_needs_a_vitriton_tower():
 def test_runner_rejects_a_model_on_the_cpu():
     with pytest.raises(RuntimeError, match="parameters are on cpu"):
         CUDAGraphRunner(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_run_output_attentions_eagerly_and_replay_return_dict_false():
+    plain = _build("clip", "vision", torch.float32)
+    model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (4,))
+    runner = cuda_graph_runners(model)[0]
+    pixels = _pixels(3)
+    with torch.inference_mode():
+        attended = model(pixels, output_attentions=True)
+        expected = plain(pixels, output_attentions=True)
+        as_tuple = model(pixels, return_dict=False)
+        tuple_expected = plain(pixels, return_dict=False)
+    assert runner.captured and all(("output_attentions", ("value", True)) not in key[2] for key in runner.captured)
+    assert len(attended.attentions) == 2 and attended.attentions[0].shape == (3, 2, 26, 26)
+    torch.testing.assert_close(attended.attentions[1], expected.attentions[1], rtol=1e-5, atol=1e-5)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(tuple_expected)
+    for ours, theirs in zip(as_tuple, tuple_expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_capture_separately_under_autocast():
+    plain = _build("clip", "vision", torch.float32)
+    model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (2,))
+    pixels = _pixels(2)
+    with torch.inference_mode():
+        fp32 = model(pixels).last_hidden_state
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(pixels).last_hidden_state
+            expected = plain(pixels).last_hidden_state
+    assert fp32.dtype == torch.float32 and bf16.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16, expected, rtol=2e-2, atol=2e-2)
+    assert len(cuda_graph_runners(model)[0].captured) == 2

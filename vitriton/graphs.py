@@ -25,7 +25,9 @@ Trade-offs:
   launch-bound), ``output_attentions=True``, inputs that require grad, tensors inside lists or dicts, tensors
   on another device or disagreeing on the batch size, calls while torch.compile traces or another graph
   is being captured.
-- Replays skip the host-side value checks of a forward (token ids in range): they run on the eager calls.
+- A replay skips the forward's Python: checks of shapes and options ran at capture, and the graph's key
+  (shapes, dtypes, options) guarantees they still hold; value checks that run on the device (token ids in
+  range, an async assert) are captured and replay with the graph.
 - A graph records parameter addresses: weights may be updated in place, but not replaced; call ``reset``.
 """
 
