@@ -327,6 +327,19 @@ def _named(bound: inspect.BoundArguments) -> dict[str, Any]:
     return named
 
 
+def check_cuda_graphs(model: nn.Module, cuda_graphs: bool | Sequence[int]) -> tuple[int, ...] | None:
+    """The buckets ``cuda_graphs`` asks for (None for False), once the model is known to be on a CUDA device."""
+    batch_sizes = cuda_graph_buckets(cuda_graphs)
+    if batch_sizes is None:
+        return None
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        raise ValueError(f"cuda_graphs={cuda_graphs!r}: {type(model).__name__} has no parameters to place on a GPU")
+    if parameter.device.type != "cuda":
+        raise RuntimeError(f"cuda_graphs={cuda_graphs!r} needs the model on a CUDA device; it is on {parameter.device}")
+    return batch_sizes
+
+
 def enable_cuda_graphs(model: nn.Module, cuda_graphs: bool | Sequence[int]) -> nn.Module:
     """Replays the forward of every vision and text tower in ``model`` from CUDA graphs; returns ``model``.
 
@@ -339,14 +352,9 @@ def enable_cuda_graphs(model: nn.Module, cuda_graphs: bool | Sequence[int]) -> n
     about the peak activations of one forward at the largest bucket used, plus each graph's static inputs
     and outputs; ``for runner in cuda_graph_runners(model): runner.reset()`` frees it.
     """
-    batch_sizes = cuda_graph_buckets(cuda_graphs)
+    batch_sizes = check_cuda_graphs(model, cuda_graphs)
     if batch_sizes is None:
         return model
-    parameter = next(model.parameters(), None)
-    if parameter is None:
-        raise ValueError(f"cuda_graphs={cuda_graphs!r}: {type(model).__name__} has no parameters to place on a GPU")
-    if parameter.device.type != "cuda":
-        raise RuntimeError(f"cuda_graphs={cuda_graphs!r} needs the model on a CUDA device; it is on {parameter.device}")
     towers = [module for module in model.modules() if isinstance(module, (VisionTransformer, TextTransformer))]
     if not towers:
         raise ValueError(

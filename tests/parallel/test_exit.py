@@ -40,7 +40,7 @@ if torch.distributed.get_rank(group) == 1:
 """
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 def _launch(script: Path, checkpoint: Path) -> list[subprocess.Popen]:
     """Two ranks of one run, started with the variables torchrun sets."""
-    port = _free_port()
+    port = free_port()
     processes = []
     for rank in range(2):
         env = {
