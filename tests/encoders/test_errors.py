@@ -107,3 +107,59 @@ def test_wrong_class_and_tower(clip_dir):
         vitriton.from_pretrained(clip_dir, tower="audio")
     with pytest.raises(ValueError, match="parallel='pipeline'"):
         vitriton.from_pretrained(clip_dir, parallel="pipeline")
+
+
+def test_file_instead_of_directory(clip_dir):
+    with pytest.raises(NotADirectoryError, match="is a file; pass the checkpoint directory"):
+        vitriton.from_pretrained(clip_dir / "config.json")
+
+
+def test_uncached_repo_id():
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache; vitriton needs a local"):
+        vitriton.from_pretrained("no-such-owner/no-such-vitriton-model")
+
+
+def test_nhwc_pixels(clip):
+    with pytest.raises(ValueError, match=r"channel dimension looks last \(NHWC\).*permute\(0, 3, 1, 2\)"):
+        clip.vision_model(torch.randn(1, 40, 40, 3))
+
+
+@pytest.mark.parametrize("bad", ["-2", -2.0, True])
+def test_feature_layers_types(clip, bad):
+    with pytest.raises(TypeError, match=f"feature_layers={bad!r} is a {type(bad).__name__}; expected an int or a list"):
+        clip.vision_model(models.pixels(1, 40), feature_layers=bad)
+
+
+def test_4d_attention_mask(clip):
+    mask = torch.ones(2, 1, 5, 5)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 1, 5, 5\), a 4-d .* pass the tokenizer's 2-d"):
+        clip.text_model(torch.ones(2, 5, dtype=torch.long), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "int8", "float128"])
+def test_bad_dtype(clip_dir, dtype):
+    with pytest.raises(ValueError, match="vitriton runs float32, float16 or bfloat16|names no torch dtype"):
+        vitriton.from_pretrained(clip_dir, dtype=dtype)
+
+
+def test_dtype_forms(clip_dir):
+    assert vitriton.from_pretrained(clip_dir, dtype="bfloat16").logit_scale.dtype == torch.bfloat16
+    assert vitriton.from_pretrained(clip_dir, dtype="torch.float16").logit_scale.dtype == torch.float16
+    assert vitriton.from_pretrained(clip_dir, dtype="auto").logit_scale.dtype == torch.float32
+    with pytest.warns(FutureWarning, match="torch_dtype is deprecated"):
+        model = vitriton.from_pretrained(clip_dir, torch_dtype=torch.bfloat16)
+    assert model.logit_scale.dtype == torch.bfloat16
+
+
+def test_config_with_fewer_layers_than_weights(clip_dir, tmp_path):
+    config = json.loads((clip_dir / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(clip_dir / "model.safetensors")
+    with pytest.warns(UserWarning, match="holds 2 layers under vision_model.encoder.layers but the config's"):
+        vitriton.from_pretrained(tmp_path)
+
+
+def test_wrong_prefix_lists_what_the_checkpoint_holds(clip_dir):
+    with pytest.raises(CheckpointError, match="prefix 'vision_tower' holds no vision tower.*holds .*vision_model"):
+        vitriton.CLIPVisionModel.from_pretrained(clip_dir, prefix="vision_tower")

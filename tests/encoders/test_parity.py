@@ -209,3 +209,29 @@ def test_empty_batch(clip_pair):
     assert out.logits_per_image.shape == (0, 0)
     assert out.vision_model_output.last_hidden_state.shape == (0, 26, 144)
     assert out.text_model_output.pooler_output.shape == (0, 48)
+
+
+@torch.no_grad()
+def test_llava_checkpoints_both_layouts(clip_pair, tmp_path):
+    """A tower class loads the vision tower of a LLaVA checkpoint as transformers 5 saves it
+    (vision_tower.embeddings...) and in the older layout (vision_tower.vision_model.embeddings...)."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    hf, _, _ = clip_pair
+    text = LlamaConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=hf.config.vision_config.to_dict(), text_config=text.to_dict(), image_token_id=5)
+    )
+    llava.model.vision_tower.load_state_dict(hf.vision_model.state_dict())
+    new = models.save(llava, tmp_path / "new")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text((new / "config.json").read_text())
+    state = {f"vision_tower.vision_model.{k}": v.contiguous() for k, v in hf.vision_model.state_dict().items()}
+    save_file(state, old / "model.safetensors")
+    px = models.pixels(1, 40, seed=10)
+    ref = hf.vision_model(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+    for path in (new, old):
+        tower = vitriton.CLIPVisionModel.from_pretrained(path, feature_layers=-2)
+        assert len(tower.vision_model.encoder.layers) == 1  # the last layer is never loaded
+        assert_matches(tower(px, feature_layers=-2).hidden_states[0], ref, path.name)

@@ -28,7 +28,7 @@ from vitriton.encoders.trunk import (
 )
 from vitriton.kernels.attention import attention_reference
 from vitriton.kernels.linear import linear
-from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, cast_like, join
+from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, autocast_args, join
 
 
 class SiglipVisionEmbeddings(PatchEmbeddings):
@@ -95,12 +95,10 @@ class SiglipMultiheadAttentionPoolingHead(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = hidden_state.shape
         heads = self.q_proj.num_heads
-        probe = cast_like(self.probe, hidden_state)
-        q_weight, q_bias = cast_like(self.q_proj.weight, probe), cast_like(self.q_proj.bias, probe)
-        q = linear(probe, q_weight, q_bias).view(1, 1, heads, self.head_dim)
+        q = linear(*autocast_args(self.probe, self.q_proj.weight, self.q_proj.bias)).view(1, 1, heads, self.head_dim)
         q = q.transpose(1, 2).expand(batch, heads, 1, self.head_dim)
-        kv_weight, kv_bias = cast_like(self.kv_proj.weight, hidden_state), cast_like(self.kv_proj.bias, hidden_state)
-        kv = linear(hidden_state, kv_weight, kv_bias).view(batch, seq, 2, heads, self.head_dim)
+        kv = linear(*autocast_args(hidden_state, self.kv_proj.weight, self.kv_proj.bias))
+        kv = kv.view(batch, seq, 2, heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         # One query row per image: the eager fp32-softmax reference costs nothing next to the encoder.
         pooled = self.out_proj(attention_reference(q, k, v))

@@ -11,8 +11,10 @@ Tensor parallelism follows Megatron-LM: heads and MLP columns split across ranks
 The towers take transformers 5.17's arguments in its positional order, with its config defaults
 (``output_hidden_states``, ``output_attentions``, ``return_dict``), and tolerate the extra keyword arguments its
 outer models pass down (LLaVA's ``image_sizes``, ``is_causal``). Under ``torch.autocast`` the trunk runs in the
-autocast dtype with the weights cast per op, as autocast does for ``F.linear``. The Triton interpreter cannot run
-bf16 ``tl.dot``, so a bf16 forward under ``TRITON_INTERPRET=1`` runs every op on its eager reference instead.
+autocast dtype where transformers' does (every linear and the attention, with the weights cast per call), while
+the residual stream and the LayerNorms stay in the weights' dtype, as autocast leaves them. The Triton
+interpreter cannot run bf16 ``tl.dot``, so a bf16 forward under ``TRITON_INTERPRET=1`` runs every op on its eager
+reference instead.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from vitriton.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     Weights,
-    cast_like,
     frozen,
     get_world_size,
     join,
@@ -54,7 +55,11 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return layer_norm(x, cast_like(self.weight, x), cast_like(self.bias, x), self.eps, residual)
+        if x.dtype != self.weight.dtype:
+            # Only under autocast: a linear's low-precision output joins the residual stream, which stays in the
+            # weights' dtype as it does in transformers under autocast (LayerNorm runs in fp32 there).
+            x = x.to(self.weight.dtype)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
 def attention_with_weights(
@@ -281,7 +286,8 @@ def returned(output, return_dict: bool):
 
 
 def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
-    """The autocast dtype of ``x``'s device when autocast is on there, else the weights' dtype."""
+    """The dtype the linears and attention run in: the autocast dtype of ``x``'s device when autocast is on
+    there, else the weights' dtype."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -527,7 +533,6 @@ class VisionTransformer(Tower):
         hidden = self.embeddings(pixel_values, bool(interpolate_pos_encoding))
         dtype = compute_dtype(hidden, self.embeddings.patch_weight.dtype)
         with interpreter_guard(dtype, hidden.device):
-            hidden = hidden.to(dtype)
             if self.pre_layrnorm is not None:
                 hidden, _ = self.pre_layrnorm(hidden)
             encoded = self.encoder(hidden, depth=depth, record=record, output_attentions=output_attentions)
@@ -594,7 +599,7 @@ class TextTransformer(Tower):
         dtype = compute_dtype(hidden, self.embeddings.position_embedding.dtype)
         with interpreter_guard(dtype, hidden.device):
             encoded = self.encoder(
-                hidden.to(dtype),
+                hidden,
                 depth=depth,
                 record=record,
                 causal=self.causal,

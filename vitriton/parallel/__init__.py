@@ -17,7 +17,7 @@ from vitriton.parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     all_reduce,
-    cast_like,
+    autocast_args,
     frozen,
 )
 from vitriton.parallel.weights import CheckpointError, Weights, checkpoint_files, join
@@ -34,7 +34,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "Weights",
     "all_reduce",
-    "cast_like",
+    "autocast_args",
     "check_same_inputs",
     "frozen",
     "ceil_shard",

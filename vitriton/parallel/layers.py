@@ -25,12 +25,16 @@ def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
     return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
 
 
-def cast_like(param: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``param`` in ``x``'s dtype. Under torch.autocast the activations run in the autocast dtype while the
-    weights keep theirs; like autocast for ``F.linear``, each op casts its weights per call."""
-    if param is None or param.dtype == x.dtype:
-        return param
-    return param.to(x.dtype)
+def autocast_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Under torch.autocast, ``x``, ``weight`` and ``bias`` in the autocast dtype, as autocast runs ``F.linear``
+    (the weights keep their dtype and are cast per call); otherwise unchanged."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
@@ -57,7 +61,7 @@ class ReplicatedLinear(nn.Module):
         return cls(weight, b)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        return linear(x, cast_like(self.weight, x), cast_like(self.bias, x), activation)
+        return linear(*autocast_args(x, self.weight, self.bias), activation)
 
 
 class ColumnParallelLinear(ReplicatedLinear):
@@ -106,8 +110,8 @@ class RowParallelLinear(ReplicatedLinear):
         return cls(weight, b, weights.process_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = cast_like(self.bias, x) if get_rank(self.process_group) == 0 else None
-        return all_reduce(linear(x, cast_like(self.weight, x), bias), self.process_group)
+        bias = self.bias if get_rank(self.process_group) == 0 else None
+        return all_reduce(linear(*autocast_args(x, self.weight, bias)), self.process_group)
 
 
 class QKVParallelLinear(nn.Module):
@@ -167,7 +171,7 @@ class QKVParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return qkv_projection(x, cast_like(self.weight, x), cast_like(self.bias, x), self.num_heads)
+        return qkv_projection(*autocast_args(x, self.weight, self.bias), self.num_heads)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,0 +1,75 @@
+"""The DataParallel wrapper and the opt-in rank-consistency check, over gloo with two spawned ranks.
+
+Each rank loads one CLIP vision tower checkpoint (eager ops, to keep it fast); rank 1 passes different pixels
+where the test asks for it, and the check must name it on both ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vitriton
+from tests.encoders import models
+from tests.parallel.test_tensor_parallel import _free_port
+from vitriton.parallel import DataParallel, SameInputs
+
+pytestmark = pytest.mark.slow
+
+
+def _worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ["VITRITON_EAGER"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    path = Path(root) / "clip"
+    px = models.pixels(3, 40, seed=31)
+    result = {}
+    with torch.no_grad():
+        model = vitriton.from_pretrained(path, parallel="data", check_inputs=True)
+        result["wrapped"] = isinstance(model.vision_model, DataParallel)
+        out = model.vision_model(px, return_dict=False, output_hidden_states=True, output_attentions=True)
+        result["tuple"] = out
+        mine = px if rank == 0 else px + 1
+        try:
+            model.vision_model(mine)
+            result["data_error"] = None
+        except ValueError as err:
+            result["data_error"] = str(err)
+        os.environ["VITRITON_CHECK_INPUTS"] = "1"
+        tensor = vitriton.from_pretrained(path, parallel="tensor")
+        result["tensor_wrapped"] = isinstance(tensor.vision_model, SameInputs)
+        try:
+            tensor.vision_model(mine)
+            result["tensor_error"] = None
+        except ValueError as err:
+            result["tensor_error"] = str(err)
+    torch.save(result, Path(root) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_data_parallel_wrapper_and_input_check(tmp_path):
+    hf = models.clip_model().vision_model
+    hf.set_attn_implementation("eager")
+    path = models.save(hf, tmp_path / "clip")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    px = models.pixels(3, 40, seed=31)
+    with torch.no_grad():
+        ref = hf(px, return_dict=False, output_hidden_states=True, output_attentions=True)
+    assert path.is_dir()
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["wrapped"] and result["tensor_wrapped"]
+        out = result["tuple"]
+        assert isinstance(out, tuple) and len(out) == len(ref)
+        for got, want in zip(out[:2], ref[:2], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for got, want in zip(out[3], ref[3], strict=True):  # attention weights, gathered over the batch
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for key in ("data_error", "tensor_error"):
+            assert result[key] is not None and "ranks [1] passed inputs" in result[key], f"rank {rank} {key}"
