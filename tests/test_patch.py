@@ -15,6 +15,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     SiglipVisionModel,
 )
 
@@ -123,25 +125,26 @@ def test_patch_a_model_with_projection():
 
 
 IMAGE_TOKEN = 119
+TINY_LLAMA = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=120,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_llava() -> LlavaForConditionalGeneration:
     torch.manual_seed(0)
     config = LlavaConfig(
         vision_config={**models.CLIP_VISION, "model_type": "clip_vision_model"},
-        text_config=dict(
-            model_type="llama",
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=120,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        text_config=TINY_LLAMA,
         image_token_index=IMAGE_TOKEN,
         image_seq_length=25,  # the 5 x 5 patches of a 40-pixel image; vision_feature_select_strategy drops CLS
     )
@@ -178,6 +181,26 @@ def test_patch_llava_keeps_generate_and_image_features():
     assert torch.equal(ours["tokens"], expected["tokens"])
     close(ours["logits"], expected["logits"])
     close(ours["features"], expected["features"])
+
+
+def test_patch_llava_next_keeps_the_image_features():
+    torch.manual_seed(0)
+    config = LlavaNextConfig(
+        vision_config={**models.CLIP_VISION, "model_type": "clip_vision_model"},
+        text_config=TINY_LLAMA,
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=[[40, 80], [80, 40]],
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    pixels = models.pixels(3, 40, seed=8).unsqueeze(0)  # one 40 x 80 image: the base view and two crops
+    sizes = torch.tensor([[40, 80]])
+    with torch.no_grad():
+        (expected,) = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    vitriton.patch(model)
+    assert isinstance(model.model.vision_tower, CLIPVisionTransformer)
+    with torch.no_grad():
+        (ours,) = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    close(ours, expected)
 
 
 def test_patch_twice_changes_nothing():

@@ -237,7 +237,7 @@ class CUDAGraphRunner:
             captured = self._graph(bucket, args, kwargs)
             captured.load(args, kwargs)
             captured.graph.replay()
-        # Outside inference mode the copies are ordinary tensors, whatever mode the caller is in.
+        # Copied after leaving the runner's inference mode: ordinary tensors unless the caller is in inference mode.
         return take_rows(captured.outputs, batch, bucket)
 
     def capture(self, *args: Any, **kwargs: Any) -> None:
