@@ -1,16 +1,23 @@
-"""CUDA-graph runner: bucket choice, padding and output slicing on the CPU; capture and replay on a GPU."""
+"""CUDA graphs: argument checks, bucket choice, padding, output slicing and the eager fallback on the CPU;
+capture and replay, through ``CUDAGraphRunner`` and ``enable_cuda_graphs``, on a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import vitriton
+from tests.encoders import models
 from vitriton.graphs import (
     DEFAULT_BATCH_SIZES,
     CUDAGraphRunner,
     bucket_for,
+    cuda_graph_buckets,
+    cuda_graph_runners,
+    eager_reason,
+    enable_cuda_graphs,
     normalize_batch_sizes,
     pad_rows,
     take_rows,
@@ -85,57 +92,146 @@ def test_take_rows_leaves_tensors_without_the_batch_dim_whole():
     assert out["table"].shape == (7,)
 
 
+def test_take_rows_keeps_none_and_dicts_keyed_by_layer():
+    static = BaseModelOutputWithPooling(last_hidden_state=torch.ones(4, 3, 2), pooler_output=None)
+    out = take_rows(static, 2, 4)
+    assert out.pooler_output is None and out.last_hidden_state.shape == (2, 3, 2)
+    states = take_rows({0: torch.ones(4, 3), -1: None, "note": "kept"}, 2, 4)
+    assert states[0].shape == (2, 3) and states[-1] is None and states["note"] == "kept"
+
+
+def test_take_rows_outside_inference_mode_gives_ordinary_tensors():
+    with torch.inference_mode():
+        static = torch.ones(4, 3)
+    out = take_rows(static, 2, 4)
+    assert not out.is_inference()
+    # A module that tracks grad (a LLaVA projector) may save it for backward.
+    torch.nn.Linear(3, 2)(out).sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("cuda_graphs", "buckets"),
+    [(False, None), (True, DEFAULT_BATCH_SIZES), ((8, 1, 8), (1, 8)), ([3], (3,)), (range(1, 3), (1, 2))],
+)
+def test_cuda_graph_buckets(cuda_graphs, buckets):
+    assert cuda_graph_buckets(cuda_graphs) == buckets
+
+
+@pytest.mark.parametrize(("cuda_graphs", "error"), [(8, TypeError), ("1,2", TypeError), (None, TypeError)])
+def test_cuda_graph_buckets_rejects_what_is_not_a_bool_or_sizes(cuda_graphs, error):
+    with pytest.raises(error, match="cuda_graphs=.*expected True, False or a sequence of batch sizes"):
+        cuda_graph_buckets(cuda_graphs)
+
+
+@pytest.mark.parametrize("cuda_graphs", [(), (0, 4), [2.5], (True, 2)])
+def test_cuda_graph_buckets_rejects_bad_sizes_by_name(cuda_graphs):
+    with pytest.raises(ValueError, match="^cuda_graphs (holds|is empty)"):
+        cuda_graph_buckets(cuda_graphs)
+
+
+@pytest.fixture(scope="module")
+def cpu_clip():
+    return vitriton.from_transformers(models.clip_model(), device="cpu")
+
+
+def test_enable_cuda_graphs_false_returns_the_model_untouched(cpu_clip):
+    before = {name: tensor.data_ptr() for name, tensor in cpu_clip.state_dict().items()}
+    assert enable_cuda_graphs(cpu_clip, False) is cpu_clip
+    assert cuda_graph_runners(cpu_clip) == []
+    assert "forward" not in cpu_clip.vision_model.__dict__ and "forward" not in cpu_clip.text_model.__dict__
+    assert {name: tensor.data_ptr() for name, tensor in cpu_clip.state_dict().items()} == before
+
+
+@pytest.mark.parametrize(("cuda_graphs", "shown"), [(True, "True"), ((1, 8), r"\(1, 8\)")])
+def test_enable_cuda_graphs_on_a_cpu_model_says_where_it_is(cpu_clip, cuda_graphs, shown):
+    with pytest.raises(RuntimeError, match=f"^cuda_graphs={shown} needs the model on a CUDA device; it is on cpu$"):
+        enable_cuda_graphs(cpu_clip, cuda_graphs)
+    assert cuda_graph_runners(cpu_clip) == []
+
+
+def test_enable_cuda_graphs_checks_its_argument_before_the_device(cpu_clip):
+    with pytest.raises(TypeError, match="cuda_graphs=4"):
+        enable_cuda_graphs(cpu_clip, 4)
+
+
+def test_enable_cuda_graphs_needs_parameters():
+    with pytest.raises(ValueError, match="ReLU has no parameters"):
+        enable_cuda_graphs(torch.nn.ReLU(), True)
+
+
+CPU = torch.device("cpu")
+
+
+def test_eager_reason_accepts_a_plain_batch():
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    assert (
+        eager_reason({"input_ids": ids, "attention_mask": torch.ones(3, 5), "output_hidden_states": True}, CPU) is None
+    )
+    assert eager_reason({"pixel_values": torch.ones(2, 3, 4, 4), "feature_layers": [-2, -1]}, CPU) is None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        ({"pixel_values": torch.ones(2, 3), "output_attentions": True}, "output_attentions=True"),
+        ({"pixel_values": [torch.ones(2, 3)]}, "pixel_values holds tensors inside a container"),
+        ({"input_ids": torch.ones(2, 3), "position_ids": torch.ones(1, 3)}, "disagree on the batch size"),
+        ({"pixel_values": torch.tensor(1.0)}, "scalar tensor"),
+        ({"pixel_values": torch.ones(0, 3)}, "empty"),
+        ({"pixel_values": torch.ones(2, 3, device="meta")}, "pixel_values is on meta; the model is on cpu"),
+        ({"output_hidden_states": True}, "no tensor argument"),
+    ],
+)
+def test_eager_reason_names_what_a_graph_cannot_replay(arguments, reason):
+    assert reason in eager_reason(arguments, CPU)
+
+
+def test_eager_reason_runs_inputs_that_require_grad_eagerly_unless_grad_is_off():
+    pixels = torch.ones(2, 3, requires_grad=True)
+    assert "requires grad" in eager_reason({"pixel_values": pixels}, CPU)
+    with torch.no_grad():
+        assert eager_reason({"pixel_values": pixels}, CPU) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_runner_raises_a_clear_error_without_cuda():
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         CUDAGraphRunner(torch.nn.Linear(4, 4))
 
 
-@pytest.mark.gpu
-def test_runner_rejects_a_model_on_the_cpu():
-    with pytest.raises(RuntimeError, match="parameters are on cpu"):
-        CUDAGraphRunner(torch.nn.Linear(4, 4))
-
-
-def _tiny_clip_vision(device: str, dtype: torch.dtype) -> CLIPVisionModel:
-    config = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        hidden_act="quick_gelu",
-        attn_implementation="sdpa",
-    )
+def _tiny_clip_vision(dtype: torch.dtype) -> CLIPVisionModel:
+    """transformers' tiny CLIP vision tower on the GPU (the runner takes any batch-first module)."""
     torch.manual_seed(0)
-    with torch.device(device):
-        return CLIPVisionModel(config).to(dtype).eval()
+    config = CLIPVisionConfig(**models.CLIP_VISION, attn_implementation="sdpa")
+    return CLIPVisionModel(config).to("cuda", dtype).eval()
 
 
-def _vision_encoders():
-    """The same tiny CLIP tower as transformers builds it and, once it lands, as vitriton does."""
-    yield "transformers", lambda model: model
-    try:
-        from vitriton import from_transformers
-    except ImportError:
-        return
-    yield "vitriton", from_transformers
+def _vitriton_clip_vision(dtype: torch.dtype = torch.float32):
+    return vitriton.from_transformers(_tiny_clip_vision(dtype), device="cuda")
+
+
+def _pixels(batch: int, dtype: torch.dtype = torch.float32, size: int = 40, seed: int = 1) -> torch.Tensor:
+    return models.pixels(batch, size, seed=seed).to("cuda", dtype)
+
+
+def _text(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = models.text(batch, 11, seed=seed)
+    return ids.cuda(), mask.cuda()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [name for name, _ in _vision_encoders()])
+@pytest.mark.parametrize("name", ["transformers", "vitriton"])
 def test_runner_matches_the_model_for_every_batch_size(name):
-    convert = dict(_vision_encoders())[name]
-    model = convert(_tiny_clip_vision("cuda", torch.float16))
+    model = _tiny_clip_vision(torch.float16)
+    if name == "vitriton":
+        model = vitriton.from_transformers(model, device="cuda")
     runner = CUDAGraphRunner(model, batch_sizes=(1, 4, 8))
-    torch.manual_seed(1)
     for batch in (1, 3, 4, 8, 2, 11):
-        pixels = torch.randn(batch, 3, 32, 32, device="cuda", dtype=torch.float16)
+        pixels = _pixels(batch, torch.float16, seed=batch)
         with torch.inference_mode():
             expected = model(pixels)
         out = runner(pixels)
-        assert out.pooler_output.shape == (batch, 64)
+        assert out.pooler_output.shape == (batch, 144)
         torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-2, atol=2e-3)
         torch.testing.assert_close(out.pooler_output, expected.pooler_output, rtol=1e-2, atol=2e-3)
     # 3 went to bucket 4 and 2 to bucket 4 as well; 11 exceeds the largest bucket and ran eagerly.
@@ -144,10 +240,9 @@ def test_runner_matches_the_model_for_every_batch_size(name):
 
 @pytest.mark.gpu
 def test_runner_outputs_follow_new_inputs_and_do_not_alias():
-    model = _tiny_clip_vision("cuda", torch.float32)
+    model = _vitriton_clip_vision()
     runner = CUDAGraphRunner(model, batch_sizes=(2,))
-    first_pixels = torch.randn(2, 3, 32, 32, device="cuda")
-    second_pixels = torch.randn(2, 3, 32, 32, device="cuda")
+    first_pixels, second_pixels = _pixels(2, seed=1), _pixels(2, seed=2)
     first = runner(first_pixels)
     kept = first.pooler_output.clone()
     second = runner(second_pixels)
@@ -156,40 +251,209 @@ def test_runner_outputs_follow_new_inputs_and_do_not_alias():
         expected = model(second_pixels).pooler_output
     torch.testing.assert_close(second.pooler_output, expected, rtol=1e-4, atol=1e-4)
     assert not torch.equal(first.pooler_output, second.pooler_output)
+    assert len(runner.captured) == 1
 
 
 @pytest.mark.gpu
 def test_runner_captures_each_option_separately_and_ahead_of_time():
-    model = _tiny_clip_vision("cuda", torch.float32)
+    model = _vitriton_clip_vision()
     runner = CUDAGraphRunner(model, batch_sizes=(1, 2))
-    pixels = torch.randn(1, 3, 32, 32, device="cuda")
+    pixels = _pixels(1)
     runner.capture(pixels)
     assert sorted(key[0] for key in runner.captured) == [1, 2]
     out = runner(pixels, output_hidden_states=True)
     assert len(runner.captured) == 3
-    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (1, 17, 64)
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (1, 26, 144)
+    # The same call spelled by keyword, with a default written out, finds the same graph.
+    runner(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=False)
+    assert len(runner.captured) == 3
 
 
 @pytest.mark.gpu
-def test_runner_pads_token_ids_for_the_text_tower():
-    config = CLIPTextConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=16,
-        vocab_size=1000,
-        bos_token_id=998,
-        eos_token_id=999,
-        pad_token_id=1,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = CLIPTextModel(config).eval()
-    ids = torch.randint(0, 998, (3, 16), device="cuda")
-    ids[:, -1] = 999
+def test_runner_pads_token_ids_for_the_vitriton_text_tower():
+    model = vitriton.from_transformers(models.clip_model().text_model, device="cuda")
+    ids, mask = _text(3)
     runner = CUDAGraphRunner(model, batch_sizes=(4,))
     with torch.inference_mode():
-        expected = model(ids)
-    torch.testing.assert_close(runner(ids).pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-4)
+        expected = model(ids, mask)
+    out = runner(ids, mask)
+    torch.testing.assert_close(out.pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert [key[0] for key in runner.captured] == [4]
+
+
+def _build(family: str, kind: str, dtype: torch.dtype):
+    hf = models.clip_model() if family == "clip" else models.siglip_model()
+    return vitriton.from_transformers(hf, device="cuda", dtype=dtype, tower=None if kind == "full" else kind)
+
+
+def _call(model, family: str, kind: str, batch: int, seed: int, dtype: torch.dtype):
+    size = models.CLIP_VISION["image_size"] if family == "clip" else models.SIGLIP_VISION["image_size"]
+    pixels = _pixels(batch, dtype, size=size, seed=seed)
+    ids, mask = _text(batch, seed=seed)
+    if family == "siglip":
+        mask = None  # SigLIP is trained with max-length padding and pools the last position
+    if kind == "vision":
+        return {"image": model(pixels, output_hidden_states=True)}
+    if kind == "text":
+        return {"text": model(ids, mask, output_hidden_states=True)}
+    out = model(ids, pixels, mask)
+    return {
+        "full": out,
+        "image": model.get_image_features(pixels),
+        "text": model.get_text_features(ids, mask),
+    }
+
+
+def _assert_same(graphed, plain, dtype: torch.dtype) -> None:
+    """Equal within the dtype's rounding: the graph runs the same kernels, at a padded batch."""
+    rtol, atol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    for key, expected in plain.items():
+        ours = graphed[key]
+        if isinstance(expected, torch.Tensor):
+            torch.testing.assert_close(ours, expected, rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        elif isinstance(expected, tuple):
+            assert len(ours) == len(expected), key
+            for index, (a, b) in enumerate(zip(ours, expected, strict=True)):
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, k=f"{key}[{index}]": f"{k}: {m}")
+        elif expected is None:
+            assert ours is None, key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["vision", "text", "full"])
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_cuda_graphs_match_the_plain_model(family, kind, dtype):
+    plain = _build(family, kind, dtype)
+    graphed = enable_cuda_graphs(_build(family, kind, dtype), (1, 4, 8))
+    runners = cuda_graph_runners(graphed)
+    assert len(runners) == (2 if kind == "full" else 1)
+    for batch, seed in ((1, 1), (3, 2), (8, 3), (3, 4), (11, 5)):  # padded, exact, again, past the largest
+        with torch.inference_mode():
+            expected = _call(plain, family, kind, batch, seed, dtype)
+            ours = _call(graphed, family, kind, batch, seed, dtype)
+        for part in expected:
+            _assert_same(ours[part], expected[part], dtype)
+    # Every tower replayed graphs of buckets 1, 4 and 8; batch 11 ran eagerly.
+    for runner in runners:
+        assert {key[0] for key in runner.captured} == {1, 4, 8}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_cuda_graphs_give_each_call_its_own_result(family):
+    """Two different inputs in a row through the same graph: each result is its own input's, and the first is not
+    overwritten by the second replay."""
+    plain, graphed = (
+        _build(family, "full", torch.float32),
+        enable_cuda_graphs(_build(family, "full", torch.float32), True),
+    )
+    with torch.inference_mode():
+        first = _call(graphed, family, "full", 2, 1, torch.float32)
+        kept = first["text"].pooler_output.clone(), first["image"].pooler_output.clone()
+        second = _call(graphed, family, "full", 2, 2, torch.float32)
+        expected = _call(plain, family, "full", 2, 2, torch.float32)
+    torch.testing.assert_close(first["text"].pooler_output, kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(first["image"].pooler_output, kept[1], rtol=0, atol=0)
+    for part in ("text", "image"):
+        _assert_same({"pooled": second[part].pooler_output}, {"pooled": expected[part].pooler_output}, torch.float32)
+        assert not torch.equal(first[part].pooler_output, second[part].pooler_output)
+    assert all(len(runner.captured) == 1 for runner in cuda_graph_runners(graphed))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_under_no_grad_inference_mode_and_grad():
+    model = enable_cuda_graphs(_build("clip", "full", torch.float32), (2,))
+    pixels = _pixels(2)
+    with torch.inference_mode():
+        expected = model.get_image_features(pixels).pooler_output
+    with torch.no_grad():
+        no_grad = model.get_image_features(pixels).pooler_output
+    with_grad = model.get_image_features(pixels).pooler_output
+    for out in (no_grad, with_grad):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert not out.is_inference()
+    # Ordinary tensors: a module that tracks grad can use them and backpropagate to its own weights.
+    head = torch.nn.Linear(48, 2, device="cuda")
+    head(with_grad).sum().backward()
+    assert head.weight.grad is not None
+    assert len(cuda_graph_runners(model)[0].captured) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_leave_inputs_that_require_grad_to_the_eager_path():
+    model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (2,))
+    runner = cuda_graph_runners(model)[0]
+    pixels = _pixels(2).requires_grad_()
+    assert "requires grad" in runner.why_eager(pixels)
+    with torch.no_grad():
+        model(pixels)
+    assert len(runner.captured) == 1
+
+
+@pytest.mark.gpu
+def test_enable_cuda_graphs_again_replaces_the_graphs():
+    model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (1, 2))
+    with torch.inference_mode():
+        model(_pixels(1))
+    first = cuda_graph_runners(model)[0]
+    assert len(first.captured) == 1
+    enable_cuda_graphs(model, (4,))
+    (runner,) = cuda_graph_runners(model)
+    assert runner is not first and first.captured == [] and runner.batch_sizes == (4,)
+    assert runner.forward.__func__ is type(model.vision_model).forward  # the class forward, not the old runner
+
+
+@pytest.mark.gpu
+def test_enable_cuda_graphs_keeps_the_state_dict_and_submodules():
+    plain = _build("siglip", "full", torch.float32)
+    graphed = enable_cuda_graphs(_build("siglip", "full", torch.float32), True)
+    assert list(graphed.state_dict()) == list(plain.state_dict())
+    assert graphed.vision_model.embeddings is not None and graphed.text_model.encoder is not None
+
+
+@pytest.mark.gpu
+def test_enable_cuda_graphs_needs_a_vitriton_tower():
+    with pytest.raises(ValueError, match="holds no vitriton VisionTransformer or TextTransformer.*vitriton.patch"):
+        enable_cuda_graphs(CLIPTextModel(models.clip_model().config.text_config).cuda(), True)
+
+
+@pytest.mark.gpu
+def test_runner_rejects_a_model_on_the_cpu():
+    with pytest.raises(RuntimeError, match="parameters are on cpu"):
+        CUDAGraphRunner(torch.nn.Linear(4, 4))
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_run_output_attentions_eagerly_and_replay_return_dict_false():
+    plain = _build("clip", "vision", torch.float32)
+    model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (4,))
+    runner = cuda_graph_runners(model)[0]
+    pixels = _pixels(3)
+    with torch.inference_mode():
+        attended = model(pixels, output_attentions=True)
+        expected = plain(pixels, output_attentions=True)
+        as_tuple = model(pixels, return_dict=False)
+        tuple_expected = plain(pixels, return_dict=False)
+    assert runner.captured and all(("output_attentions", ("value", True)) not in key[2] for key in runner.captured)
+    assert len(attended.attentions) == 2 and attended.attentions[0].shape == (3, 2, 26, 26)
+    torch.testing.assert_close(attended.attentions[1], expected.attentions[1], rtol=1e-5, atol=1e-5)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(tuple_expected)
+    for ours, theirs in zip(as_tuple, tuple_expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_capture_separately_under_autocast():
+    plain = _build("clip", "vision", torch.float32)
+    model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (2,))
+    pixels = _pixels(2)
+    with torch.inference_mode():
+        fp32 = model(pixels).last_hidden_state
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(pixels).last_hidden_state
+            expected = plain(pixels).last_hidden_state
+    assert fp32.dtype == torch.float32 and bf16.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16, expected, rtol=2e-2, atol=2e-2)
+    assert len(cuda_graph_runners(model)[0].captured) == 2

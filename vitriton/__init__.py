@@ -2,10 +2,11 @@
 
 from vitriton.encoders import *  # noqa: F403
 from vitriton.encoders import __all__ as _encoders
-from vitriton.graphs import CUDAGraphRunner
+from vitriton.graphs import CUDAGraphRunner, enable_cuda_graphs
 from vitriton.kernels import eager_mode
 from vitriton.loading import from_pretrained, from_transformers
 from vitriton.parallel import CheckpointError, Weights, init_distributed
+from vitriton.patch import patch
 
 __version__ = "0.1.0"
 
@@ -15,7 +16,9 @@ __all__ = [
     "CheckpointError",
     "Weights",
     "eager_mode",
+    "enable_cuda_graphs",
     "from_pretrained",
     "from_transformers",
     "init_distributed",
+    "patch",
 ]

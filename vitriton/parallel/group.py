@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,10 @@ def init_distributed(backend: str | None = None) -> ProcessGroup | None:
 
     NCCL when CUDA is available, gloo otherwise; on CUDA each process takes the device LOCAL_RANK. Returns
     the default group, or ``None`` when the process was not started by torchrun (single process).
+
+    A group created here is destroyed at interpreter exit unless the script destroyed it first: left to the
+    interpreter's teardown, a rank that exits while its peer is still running aborts ("terminate called
+    without an active exception") in about one run of three. A group the caller initialised is left alone.
     """
     if dist.is_initialized():
         return dist.group.WORLD
@@ -26,7 +31,15 @@ def init_distributed(backend: str | None = None) -> ProcessGroup | None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
-    return dist.group.WORLD
+    group = dist.group.WORLD
+    atexit.register(_destroy_at_exit, group)
+    return group
+
+
+def _destroy_at_exit(group: ProcessGroup) -> None:
+    # Only the group init_distributed made, and only while it is still the default one.
+    if dist.is_initialized() and dist.group.WORLD is group:
+        dist.destroy_process_group()
 
 
 def default_group() -> ProcessGroup | None:

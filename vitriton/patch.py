@@ -1,0 +1,94 @@
+"""``vitriton.patch(model)``: accelerate a transformers model in memory, in place.
+
+Every CLIP/SigLIP tower in the module tree (transformers 5.17's ``CLIPVisionModel``, ``CLIPTextModel``,
+``SiglipVisionModel``, ``SiglipTextModel``: the towers that ``CLIPModel``, ``SiglipModel``, the
+``*WithProjection`` classes, LLaVA and LLaVA-NeXT hold) is replaced by vitriton's tower built from its own
+tensors, and the model around it keeps calling it as before: transformers' outer classes pass their keyword
+arguments (``return_dict``, ``output_hidden_states``, ``interpolate_pos_encoding``, LLaVA's ``image_sizes``)
+and read the same outputs.
+
+Weights are shared, not copied: vitriton's parameters are the transformers tensors themselves (same storage),
+so patching adds only the packed ``[q; k; v]`` weight of each layer (a concatenation has to be new memory); the
+separate q/k/v tensors go with the replaced transformers tower. A tensor that is a slice of a larger one (a rank's
+shard under tensor parallelism, the query rows of SigLIP's pooling head) is copied, so the larger one can go too.
+The patched model's ``state_dict`` uses vitriton's names (``self_attn.qkv.weight``): save a checkpoint before
+patching, not after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.models.clip import modeling_clip
+from transformers.models.siglip import modeling_siglip
+
+from vitriton.encoders import clip, siglip
+from vitriton.encoders.trunk import TextTransformer, VisionTransformer
+from vitriton.graphs import check_cuda_graphs, enable_cuda_graphs
+from vitriton.parallel.group import ProcessGroup
+
+# transformers' tower class -> (vitriton model class that loads it, the attribute holding vitriton's tower)
+TOWERS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
+    modeling_clip.CLIPVisionModel: (clip.CLIPVisionModel, "vision_model"),
+    modeling_clip.CLIPTextModel: (clip.CLIPTextModel, "text_model"),
+    modeling_siglip.SiglipVisionModel: (siglip.SiglipVisionModel, "vision_model"),
+    modeling_siglip.SiglipTextModel: (siglip.SiglipTextModel, "text_model"),
+}
+PARALLEL_MODES = ("tensor", "data")
+
+
+def patch(
+    model: nn.Module,
+    *,
+    process_group: ProcessGroup | None = None,
+    parallel: str = "tensor",
+    cuda_graphs: bool | Sequence[int] = False,
+) -> nn.Module:
+    """Replaces every transformers CLIP/SigLIP tower in ``model`` by vitriton's, in place, and returns ``model``.
+
+    The towers keep the dtype and device of their parameters. ``process_group`` (default: the default group when
+    torch.distributed is initialised) and ``parallel`` are those of :func:`vitriton.from_pretrained`: in tensor
+    mode each rank keeps its shard of the full in-memory weights, in data mode the whole tower and its share of
+    each batch. ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose towers are vitriton's
+    already is left as it is (patching twice changes nothing). When ``model`` is itself a tower, the object
+    becomes vitriton's tower (its class changes; the identity and ``model.config`` stay).
+    """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r}; expected one of {PARALLEL_MODES}")
+    check_cuda_graphs(model, cuda_graphs)
+    found = [(name, module) for name, module in model.named_modules() if type(module) in TOWERS]
+    if not found:
+        if not any(isinstance(m, (VisionTransformer, TextTransformer)) for m in model.modules()):
+            searched = ", ".join(f"{cls.__module__.split('.')[-1]}.{cls.__name__}" for cls in TOWERS)
+            raise ValueError(
+                f"vitriton.patch found no CLIP or SigLIP tower in {type(model).__name__}; it looks for "
+                f"transformers' {searched} among the model's submodules"
+            )
+        return enable_cuda_graphs(model, cuda_graphs)
+    for name, module in found:
+        tower = accelerate(module, process_group=process_group, parallel=parallel)
+        if name:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, tower)
+        else:
+            # The model is the tower: the same object becomes vitriton's tower, so the caller's reference works.
+            model.__class__ = type(tower)
+            model.__dict__ = tower.__dict__
+    return enable_cuda_graphs(model, cuda_graphs)
+
+
+def accelerate(module: nn.Module, *, process_group: ProcessGroup | None, parallel: str) -> nn.Module:
+    """vitriton's tower for one transformers tower, sharing its tensors (wrapped for data parallelism when asked)."""
+    model_cls, attribute = TOWERS[type(module)]
+    parameter = next(module.parameters())
+    built = model_cls.from_transformers(
+        module, dtype=parameter.dtype, device=parameter.device, process_group=process_group, parallel=parallel
+    )
+    tower = getattr(built, attribute)
+    with torch.no_grad():
+        for tensor in tower.parameters():
+            if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+                tensor.data = tensor.data.clone()
+    return tower
