@@ -108,8 +108,7 @@ class Plan:
             self.jit[self.grid](*args, **self.const_kwargs, **self.options)
             return
         stream = self.stream_of(device_index)
-        enter = _knobs.runtime.launch_enter_hook if _knobs is not None else None
-        exit_hook = _knobs.runtime.launch_exit_hook if _knobs is not None else None
+        enter, exit_hook = _launch_hooks()
         full = (*args, *self.const_args)
         grid = self.grid
         launcher = self.launcher
@@ -132,6 +131,19 @@ class Plan:
             exit_hook,
             *full,
         )
+
+
+def _active(hook: Any) -> Any:
+    """``hook``, or None when it would do nothing: triton 3.5+ keeps an always-present HookChain whose empty
+    ``calls`` list the C launcher would still call into (with a LazyDict of metadata built per launch)."""
+    return hook if hook is not None and getattr(hook, "calls", True) else None
+
+
+def _launch_hooks() -> tuple[Any, Any]:
+    """The (enter, exit) launch hooks a profiler such as proton installed, each None when none is."""
+    if _knobs is None:
+        return None, None
+    return _active(_knobs.runtime.launch_enter_hook), _active(_knobs.runtime.launch_exit_hook)
 
 
 class PlanCache:
