@@ -18,9 +18,12 @@ def init_distributed(backend: str | None = None) -> ProcessGroup | None:
     NCCL when CUDA is available, gloo otherwise; on CUDA each process takes the device LOCAL_RANK. Returns
     the default group, or ``None`` when the process was not started by torchrun (single process).
 
-    A group created here is destroyed at interpreter exit unless the script destroyed it first: left to the
-    interpreter's teardown, a rank that exits while its peer is still running aborts ("terminate called
-    without an active exception") in about one run of three. A group the caller initialised is left alone.
+    A group created here is destroyed at interpreter exit, after a barrier, unless the script destroyed it first;
+    a group the caller initialised is left alone. Without that, a rank of a script that keeps the model in a
+    global can abort at exit ("terminate called without an active exception"): a gloo worker thread drops its
+    last collective's tensors only after the interpreter has started finalising, cannot take the GIL to free
+    them, and terminates the process. The barrier holds each rank until every rank has reached exit, which in
+    practice leaves the worker threads time to finish with earlier collectives (a timing fix, not a guarantee).
     """
     if dist.is_initialized():
         return dist.group.WORLD
@@ -37,8 +40,10 @@ def init_distributed(backend: str | None = None) -> ProcessGroup | None:
 
 
 def _destroy_at_exit(group: ProcessGroup) -> None:
-    # Only the group init_distributed made, and only while it is still the default one.
+    # Only the group init_distributed made, and only while it is still the default one. destroy_process_group
+    # alone does not stop gloo's worker threads while the model still holds the group.
     if dist.is_initialized() and dist.group.WORLD is group:
+        dist.barrier()
         dist.destroy_process_group()
 
 
