@@ -6,7 +6,7 @@ from vitriton.graphs import CUDAGraphRunner, enable_cuda_graphs
 from vitriton.kernels import eager_mode
 from vitriton.loading import from_pretrained, from_transformers
 from vitriton.parallel import CheckpointError, Weights, init_distributed
-from vitriton.patch import patch
+from vitriton.patching import patch
 
 __version__ = "0.1.0"
 

@@ -197,11 +197,9 @@ class PretrainedMixin:
                         else SameInputs(child, process_group)
                     )
                     setattr(model, name, wrapped)
-        if cuda_graphs:
-            from vitriton.graphs import enable_cuda_graphs
+        from vitriton.graphs import enable_cuda_graphs  # here: graphs.py builds on the encoders package
 
-            model = enable_cuda_graphs(model, cuda_graphs)
-        return model
+        return enable_cuda_graphs(model, cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> nn.Module:
