@@ -378,7 +378,7 @@ def test_cuda_graphs_under_no_grad_inference_mode_and_grad():
     head = torch.nn.Linear(48, 2, device="cuda")
     head(with_grad).sum().backward()
     assert head.weight.grad is not None
-    assert len(cuda_graph_runners(model)[0].captured) == 1
+    assert len(model.vision_model.forward.captured) == 1  # the vision tower's runner; the text tower never ran
 
 
 @pytest.mark.gpu
@@ -445,7 +445,7 @@ def test_cuda_graphs_run_output_attentions_eagerly_and_replay_return_dict_false(
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_capture_separately_under_autocast():
+def test_cuda_graphs_leave_autocast_calls_to_the_eager_path():
     plain = _build("clip", "vision", torch.float32)
     model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (2,))
     pixels = _pixels(2)
@@ -455,5 +455,5 @@ def test_cuda_graphs_capture_separately_under_autocast():
             bf16 = model(pixels).last_hidden_state
             expected = plain(pixels).last_hidden_state
     assert fp32.dtype == torch.float32 and bf16.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16, expected, rtol=2e-2, atol=2e-2)
-    assert len(cuda_graph_runners(model)[0].captured) == 2
+    torch.testing.assert_close(bf16, expected, rtol=0, atol=0)
+    assert len(cuda_graph_runners(model)[0].captured) == 1  # the fp32 call's graph only

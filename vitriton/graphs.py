@@ -22,9 +22,9 @@ Trade-offs:
   later call overwrite earlier results. Each graph also keeps its own static inputs and outputs.
 - Capture cannot compile or autotune, so every bucket first runs eagerly on a side stream, then is captured.
 - What a graph cannot replay runs eagerly: batches larger than the largest bucket (compute-bound, not
-  launch-bound), ``output_attentions=True``, inputs that require grad, tensors inside lists or dicts, tensors
-  on another device or disagreeing on the batch size, calls while torch.compile traces or another graph
-  is being captured.
+  launch-bound), ``output_attentions=True``, calls under torch.autocast, inputs that require grad, tensors
+  inside lists or dicts, tensors on another device or disagreeing on the batch size, calls while torch.compile
+  traces or another graph is being captured.
 - A replay skips the forward's Python: checks of shapes and options ran at capture, and the graph's key
   (shapes, dtypes, options) guarantees they still hold; value checks that run on the device (token ids in
   range, an async assert) are captured and replay with the graph.
@@ -129,6 +129,10 @@ def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | No
         return "another CUDA graph is being captured"
     if arguments.get("output_attentions"):
         return "output_attentions=True computes attention weights on the reference path"
+    if torch.is_autocast_enabled("cuda"):
+        # Replays under autocast gave the fp32 graph's dtypes on the H200 (issue 9's GPU run); until that is
+        # understood, autocast calls keep transformers' eager semantics.
+        return "torch.autocast is on; autocast calls run eagerly"
     tensors = {}
     for name, value in arguments.items():
         if isinstance(value, torch.Tensor):
@@ -206,7 +210,8 @@ class CUDAGraphRunner:
             raise ValueError(f"warmup is {warmup}; capture needs at least 1 eager call to compile and autotune")
         self.model = model
         self.forward = model if forward is None else forward
-        self.signature = inspect.signature(self.forward)
+        # A module's own signature is its __call__'s (*args, **kwargs); binding needs forward's parameters.
+        self.signature = inspect.signature(model.forward if forward is None else forward)
         self.device = device
         self.batch_sizes = normalize_batch_sizes(batch_sizes)
         self.warmup = warmup
@@ -278,13 +283,10 @@ class CUDAGraphRunner:
                 return ("tensor", tuple(value.shape[1:]), value.dtype)
             return ("value", _freeze(value))
 
-        # A graph replays the dtypes it was captured with, so autocast's state is part of its identity.
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         return (
             bucket,
             tuple(signature(v) for v in args),
             tuple(sorted((name, signature(v)) for name, v in kwargs.items())),
-            autocast,
         )
 
     def _graph(self, bucket: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Captured:
