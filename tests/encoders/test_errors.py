@@ -163,3 +163,36 @@ def test_config_with_fewer_layers_than_weights(clip_dir, tmp_path):
 def test_wrong_prefix_lists_what_the_checkpoint_holds(clip_dir):
     with pytest.raises(CheckpointError, match="prefix 'vision_tower' holds no vision tower.*holds .*vision_model"):
         vitriton.CLIPVisionModel.from_pretrained(clip_dir, prefix="vision_tower")
+
+
+# A device-side assert leaves the CUDA context unusable, so the bad call runs in a process of its own.
+_BAD_CUDA_IDS = """
+import sys, torch, vitriton
+from tests.encoders import models
+model = vitriton.from_transformers(models.clip_model(), device="cuda")
+ids = torch.full((2, 5), {bad}, dtype=torch.long, device="cuda")
+try:
+    model.text_model(ids)
+    torch.cuda.synchronize()
+except Exception as error:
+    print("raised:", error)
+    sys.exit(3)
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [models.CLIP_TEXT["vocab_size"], -1])
+def test_bad_cuda_token_id_fails_with_a_message(bad):
+    """CUDA ids are checked on the device (no host sync in the forward); the failure still names the problem."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _BAD_CUDA_IDS.format(bad=bad)], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output
+    assert "token id is outside the vocabulary of 99 tokens" in output, output
