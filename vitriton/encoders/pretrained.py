@@ -60,7 +60,8 @@ def resolve_dtype(dtype, torch_dtype, config) -> torch.dtype:
         warnings.warn("torch_dtype is deprecated; pass dtype instead", FutureWarning, stacklevel=3)
         dtype = torch_dtype
     if dtype is None or dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        # transformers 5 configs carry ``dtype``; reading their ``torch_dtype`` alias would print its deprecation.
+        dtype = getattr(config, "dtype", None)
         if dtype is None:
             return torch.float32
     if isinstance(dtype, str):
