@@ -41,16 +41,26 @@ SIGLIP_TEXT = dict(
 )
 
 
+def perturb_vectors(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers initialises biases to 0 and LayerNorms to (1, 0), which hides bugs in how they are applied (a
+    row-parallel bias added on every rank leaves such a model's outputs unchanged); random offsets expose them."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 1 and "logit" not in name:
+                parameter.add_(torch.randn_like(parameter), alpha=0.05)
+    return model
+
+
 def clip_model(**text_overrides) -> CLIPModel:
     torch.manual_seed(0)
     config = CLIPConfig(text_config={**CLIP_TEXT, **text_overrides}, vision_config=CLIP_VISION, projection_dim=48)
-    return CLIPModel(config).eval()
+    return perturb_vectors(CLIPModel(config).eval())
 
 
 def siglip_model() -> SiglipModel:
     torch.manual_seed(1)
     config = SiglipConfig(text_config=SIGLIP_TEXT, vision_config=SIGLIP_VISION)
-    model = SiglipModel(config).eval()
+    model = perturb_vectors(SiglipModel(config).eval())
     with torch.no_grad():  # transformers initialises these to zero; random values exercise the logits formula
         model.logit_scale.fill_(1.3)
         model.logit_bias.fill_(-0.7)

@@ -50,6 +50,8 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     siglip = SiglipModel(
         SiglipConfig(text_config=_four_heads(models.SIGLIP_TEXT), vision_config=_four_heads(models.SIGLIP_VISION))
     ).eval()
+    models.perturb_vectors(clip)
+    models.perturb_vectors(siglip)
     return {
         "clip": models.save(clip, root / "clip"),
         "siglip": models.save(siglip, root / "siglip"),
