@@ -29,7 +29,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.kernels._dispatch import eager_mode, interpreting
-from vitriton.kernels.attention import attention
+from vitriton.kernels.attention import allowed_keys, attention
 from vitriton.kernels.layernorm import layer_norm
 from vitriton.kernels.linear import check_activation
 from vitriton.parallel import (
@@ -79,12 +79,7 @@ def attention_with_weights(
     """
     batch, heads, seq, head_dim = q.shape
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    allowed = None
-    if causal:
-        allowed = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        keys = key_padding_mask.to(torch.bool)[:, None, None, :]
-        allowed = keys if allowed is None else allowed & keys
+    allowed = allowed_keys(seq, causal, key_padding_mask, q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

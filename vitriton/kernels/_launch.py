@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import torch
 import triton
 
 try:
@@ -144,6 +145,20 @@ def _launch_hooks() -> tuple[Any, Any]:
     if _knobs is None:
         return None, None
     return _active(_knobs.runtime.launch_enter_hook), _active(_knobs.runtime.launch_exit_hook)
+
+
+def rows_view(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
+    """``t`` as (rows, cols) without a copy, or None when its leading dims do not flatten to one row stride."""
+    try:
+        return t.view(rows, cols)
+    except RuntimeError:
+        return None
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """An ``out=`` buffer an op writes into: contiguous, of the op's output shape and dtype."""
+    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {dtype} {shape}")
 
 
 class PlanCache:

@@ -181,14 +181,6 @@ def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> 
     return x_desc, w_desc, True
 
 
-def rows_view(x: torch.Tensor, m: int, k: int) -> torch.Tensor | None:
-    """x as (m, k) rows without a copy, or None when its leading dims do not flatten to one row stride."""
-    try:
-        return x.view(m, k)
-    except RuntimeError:
-        return None
-
-
 def descriptor_over(tensor: torch.Tensor, template: Any) -> Any:
     """``template`` (a TMA descriptor a plan was built with) over ``tensor``'s memory.
 

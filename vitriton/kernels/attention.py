@@ -662,6 +662,19 @@ def attention(
     return attention_triton(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
 
 
+def allowed_keys(
+    seq: int, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """The boolean mask of keys each query may attend to, broadcastable to (B, H, S, S); None when all may."""
+    allowed = None
+    if causal:
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    if key_padding_mask is not None:
+        keys = key_padding_mask.to(torch.bool)[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -673,12 +686,7 @@ def attention_reference(
 ) -> torch.Tensor:
     """Eager reference: upcasts to fp32, so the softmax is fp32 whatever the input dtype."""
     batch, heads, seq, head_dim = q.shape
-    allowed = None
-    if causal:
-        allowed = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        keys = key_padding_mask.to(torch.bool)[:, None, None, :]
-        allowed = keys if allowed is None else allowed & keys
+    allowed = allowed_keys(seq, causal, key_padding_mask, q.device)
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, scale=scale)
     if allowed is not None:
         out = out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
-from vitriton.kernels._launch import PlanCache, first_launch
+from vitriton.kernels._launch import PlanCache, first_launch, rows_view
 
 # Widest row the fused kernel takes: beyond this a whole row no longer fits a program's registers.
 MAX_FUSED_N = 32768
@@ -193,8 +193,12 @@ def _plan_layer_norm(key, x, weight, bias, eps, residual, out, residual_out, blo
     if n_rows == 0 or n_cols == 0:
         return out, residual_out
     rows = (n_rows, n_cols)
-    views = [rows_view(t, rows) for t in (x, residual) if t is not None]
-    if any(v is None for v in views) or weight.stride(0) != 1 or (bias is not None and bias.stride(0) != 1):
+    views = [rows_view(t, n_rows, n_cols) for t in (x, residual) if t is not None]
+    if (
+        any(v is None or v.stride(1) != 1 for v in views)
+        or weight.stride(0) != 1
+        or (bias is not None and bias.stride(0) != 1)
+    ):
         # Rows that do not flatten to one unit-column-stride layout: copy once, and plan the copy's layout.
         layer_norm_triton(
             x.contiguous(),
@@ -230,15 +234,6 @@ def _plan_layer_norm(key, x, weight, bias, eps, residual, out, residual_out, blo
     )
     PLANS.add(key, (plan, x.is_contiguous(), static))
     return out, residual_out
-
-
-def rows_view(t: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor | None:
-    """``t`` as (M, N) rows with a unit column stride, without a copy; None when its layout does not allow it."""
-    try:
-        view = t.view(rows)
-    except RuntimeError:
-        return None
-    return view if view.stride(1) == 1 else None
 
 
 # Two ops, because a custom op may not return one of its inputs: without a residual, residual_out is x

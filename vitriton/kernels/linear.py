@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
-from vitriton.kernels._launch import PlanCache, first_launch
+from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
 from vitriton.kernels._matmul import (
     check_operands,
     descriptor_over,
@@ -34,7 +34,6 @@ from vitriton.kernels._matmul import (
     matmul_operands,
     plan_operand,
     prune_matmul_configs,
-    rows_view,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -161,11 +160,6 @@ def linear_triton(
         x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
     plan.launch(device_index, x, weight, bias, out, *static)
     return out
-
-
-def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {dtype} {shape}")
 
 
 def _plan_linear(key, x, weight, bias, activation, out, tma, config) -> torch.Tensor:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
-from vitriton.kernels._launch import PlanCache, first_launch
+from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
 from vitriton.kernels._matmul import (
     check_operands,
     descriptor_over,
@@ -41,7 +41,6 @@ from vitriton.kernels._matmul import (
     matmul_operands,
     plan_operand,
     prune_matmul_configs,
-    rows_view,
 )
 
 
@@ -179,17 +178,12 @@ def qkv_projection_triton(
     if out is None:
         out = x.new_empty(shape)
     else:
-        check_packed_out(out, shape, x.dtype)
+        check_out(out, shape, x.dtype)
     device_index = x.device.index
     if x_template is not None:
         x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
     plan.launch(device_index, x, weight, bias, out, *static)
     return out
-
-
-def check_packed_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {dtype} {shape}")
 
 
 def _plan_qkv(key, x, weight, bias, num_heads, out, tma, config) -> torch.Tensor:
@@ -205,7 +199,7 @@ def _plan_qkv(key, x, weight, bias, num_heads, out, tma, config) -> torch.Tensor
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
     else:
-        check_packed_out(out, shape, x.dtype)
+        check_out(out, shape, x.dtype)
     if out.numel() == 0:
         return out
     m = batch * seq
