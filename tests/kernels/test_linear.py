@@ -119,16 +119,28 @@ TMA_CPU_CASES = [
     ((7,), 104, 100, "quick_gelu"),
     ((2, 25), 72, 100, "gelu_pytorch_tanh"),
     ((50,), 40, 130, "gelu"),
+    ((3, 30), 40, 104, "quick_gelu"),
 ]
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
 @pytest.mark.parametrize("lead, k, n, activation", TMA_CPU_CASES)
-def test_linear_tma_interpreted(lead, k, n, activation):
-    """The TMA main loop through the interpreter's descriptor loads (fp16: TMA takes 16-bit operands only)."""
+def test_linear_tma_interpreted(lead, k, n, activation, persistent):
+    """The TMA main loops through the interpreter's descriptor loads (fp16: TMA takes 16-bit operands only).
+    The persistent kernel's 3 programs walk several tiles each and store them through a TMA descriptor."""
+    if persistent and (n * 2) % 16:
+        pytest.skip("the persistent kernel's TMA store needs 16-byte aligned output rows")
     x, w, b = make_inputs(lead, k, n, torch.float16, bias=True)
     for _ in range(2):  # the second call launches from the plan, with a descriptor copied from its template
-        out = linear_triton(x, w, b, activation, out=poisoned((*lead, n), torch.float16), tma=True)
+        out = poisoned((*lead, n), torch.float16)
+        linear_triton(x, w, b, activation, out=out, tma=True, persistent=persistent)
         assert_matches_reference(out, x, w, b, activation)
+
+
+def test_linear_persistent_needs_aligned_rows():
+    x, w, b = make_inputs((7,), 72, 100, torch.float16, bias=True)
+    with pytest.raises(ValueError, match="persistent=True needs the TMA path and 16-byte aligned output rows"):
+        linear_triton(x, w, b, "gelu", tma=True, persistent=True)
 
 
 def test_linear_tma_selection():
@@ -256,15 +268,16 @@ def needs_hopper() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("path", ["persistent", "tma", "plain"])
 @pytest.mark.parametrize("m, k, n, activation", TMA_GPU_CASES)
-def test_linear_gpu_tma(m, k, n, activation, tma, dtype):
-    """Both main loops, forced, at the shapes whose edges TMA zero-fills; the second call runs from the plan."""
-    if tma:
+def test_linear_gpu_tma(m, k, n, activation, path, dtype):
+    """Every main loop, forced, at the shapes whose edges TMA zero-fills; the second call runs from the plan."""
+    if path != "plain":
         needs_hopper()
     x, w, b = make_inputs((m,), k, n, dtype, bias=True, device="cuda")
     for _ in range(2):
-        out = linear_triton(x, w, b, activation, out=poisoned((m, n), dtype, device="cuda"), tma=tma)
+        out = poisoned((m, n), dtype, device="cuda")
+        linear_triton(x, w, b, activation, out=out, tma=path != "plain", persistent=path == "persistent")
         assert_matches_reference(out, x, w, b, activation)
 
 

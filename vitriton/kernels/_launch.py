@@ -20,6 +20,7 @@ followed by the plan's constexpr values, in declaration order, as triton's launc
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -221,3 +222,15 @@ def first_launch(
     plan = Plan(layers[-1], names, grid(values) if callable(grid) else grid, values, chosen, options)
     plan.attach(compiled)
     return plan
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): the size of a persistent grid."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -47,15 +47,23 @@ def set_descriptor_blocks(nargs: dict[str, Any]) -> None:
     if TensorDescriptor is not None and isinstance(x, TensorDescriptor):
         x.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
         w.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+        if isinstance(nargs.get("out"), TensorDescriptor):  # the persistent kernel's TMA store
+            nargs["out"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // nargs["EPILOGUE_SPLIT"]]
 
 
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, group_m: int = 8):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-        num_warps=num_warps,
-        num_stages=num_stages,
-        pre_hook=set_descriptor_blocks,
-    )
+def _config(
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    num_warps: int,
+    num_stages: int,
+    group_m: int = 8,
+    epilogue_split: int | None = None,
+) -> triton.Config:
+    sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
+    if epilogue_split is not None:
+        sizes["EPILOGUE_SPLIT"] = epilogue_split
+    return triton.Config(sizes, num_warps=num_warps, num_stages=num_stages, pre_hook=set_descriptor_blocks)
 
 
 # Shared memory per config is num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; all fit the H100's 227 KiB.
@@ -90,6 +98,18 @@ _TMA_SMALL_M = [
     _config(128, 128, 64, num_warps=8, num_stages=4),
     _config(64, 64, 64, num_warps=4, num_stages=4),
 ]
+# The persistent TMA kernel (``linear``'s large-M epilogue path): one program per SM walks the tiles, and the
+# flattened tile x K loop lets the pipeliner issue the next tile's loads while this tile's epilogue runs. Its
+# TMA store goes out in EPILOGUE_SPLIT column slices, so the staging buffer is a slice, not the whole tile:
+# 128x256 at 3 stages is 144 KiB of operands plus 32 KiB of staging.
+_PERSISTENT = [
+    _config(128, 256, 64, num_warps=8, num_stages=3, epilogue_split=2),
+    _config(256, 128, 64, num_warps=8, num_stages=3, epilogue_split=2),
+    _config(128, 128, 64, num_warps=8, num_stages=4, epilogue_split=2),
+    _config(128, 128, 64, num_warps=4, num_stages=4, epilogue_split=1),
+]
+_PERSISTENT_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, epilogue_split=2)]
+
 # fp32 operands take exact (ieee) dots on the FMA units; this path exists for parity, not speed, so one config
 # each (96 and 48 KiB) and no tuning.
 _LARGE_M_FP32 = [_config(128, 128, 32, num_warps=8, num_stages=3)]
@@ -106,6 +126,11 @@ def matmul_configs() -> list[triton.Config]:
         return list(_INTERPRETER)
     pools = [_LARGE_M_16BIT, _SMALL_M_16BIT, _TMA_LARGE_M, _TMA_SMALL_M, _LARGE_M_FP32, _SMALL_M_FP32]
     return list(dict.fromkeys(config for pool in pools for config in pool))
+
+
+def persistent_configs() -> list[triton.Config]:
+    """The persistent TMA kernel's candidates (all of them tuned per shape: it runs at large M only)."""
+    return list(_PERSISTENT_INTERPRETER if interpreting() else _PERSISTENT)
 
 
 def matmul_config_pool(m: int, element_size: int, use_tma: bool) -> list[triton.Config]:
@@ -179,6 +204,11 @@ def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> 
     x_desc = TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [16, 16])
     w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [16, 16])
     return x_desc, w_desc, True
+
+
+def output_descriptor(out: torch.Tensor, m: int, n: int) -> Any:
+    """A TMA store descriptor over a contiguous (..., n) output of m rows; the config's pre-hook sets its block."""
+    return TensorDescriptor(out.view(m, n), [m, n], [n, 1], [16, 16])
 
 
 def descriptor_over(tensor: torch.Tensor, template: Any) -> Any:

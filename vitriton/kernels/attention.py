@@ -32,7 +32,6 @@ Trade-offs:
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 
@@ -42,7 +41,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting, use_triton
-from vitriton.kernels._launch import PlanCache, first_launch
+from vitriton.kernels._launch import PlanCache, first_launch, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -444,17 +443,6 @@ def query_tiles(seq: int, block_m: int, split_tail: bool = True) -> tuple[int, i
     return triton.cdiv(seq, block_m), 0
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@functools.cache
-def _cuda_sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def pick_config(head_dim: int, seq: int, batch_heads: int, dtype: torch.dtype, sm_count: int) -> AttentionConfig:
     """The one place tile sizes are chosen (``benchmarks/bench_attention.py --sweep`` times the candidates)."""
     if interpreting():
@@ -569,7 +557,7 @@ def _plan_attention(key, q, k, v, scale, causal, key_padding_mask, out, config) 
     if (seq + 256) * out.stride(1) + heads * head_dim * out.stride(2) >= _INT32_LIMIT:
         raise ValueError(f"out has row stride {out.stride(1)}; one batch's rows must span fewer than 2^31 elements")
 
-    config = config or pick_config(head_dim, seq, batch * heads, q.dtype, _sm_count(q.device))
+    config = config or pick_config(head_dim, seq, batch * heads, q.dtype, sm_count(q.device))
     block = max(config.block_m, config.block_n)
     if not all(_fits_int32(t, block) for t in (q, k, v)):
         # A (batch, head) slice whose offsets pass 32 bits: copy once, and plan the copies' layout.

@@ -21,8 +21,10 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
-from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
+from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view, sm_count
 from vitriton.kernels._matmul import (
+    SMALL_M,
+    accumulate_tile_tma,
     check_operands,
     descriptor_over,
     dot_is_ieee,
@@ -32,8 +34,11 @@ from vitriton.kernels._matmul import (
     matmul_configs,
     matmul_grid,
     matmul_operands,
+    output_descriptor,
+    persistent_configs,
     plan_operand,
     prune_matmul_configs,
+    tile_coordinates,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -118,6 +123,65 @@ def _linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_slice(
+    acc,  # fp32 (BLOCK_M, width) slice of a tile, its bias not yet added
+    bias_ptr,
+    out,  # (M, N) TMA descriptor, blocks (BLOCK_M, width)
+    offset_m,
+    offset_n,
+    N,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    cols = offset_n + tl.arange(0, acc.shape[1])
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out.store([offset_m, offset_n], activate(acc, ACTIVATION).to(out.dtype))
+
+
+@triton.autotune(
+    configs=persistent_configs(),
+    key=["M_BUCKET", "N", "K", "ACTIVATION"],
+)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_persistent_kernel(
+    x,  # (M, K) TMA descriptor
+    w,  # (N, K) TMA descriptor, nn.Linear layout
+    bias_ptr,  # (N,) contiguous; None without bias
+    out,  # (M, N) TMA descriptor
+    M,
+    N,
+    K,
+    M_BUCKET,  # autotune key only
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PROGRAMS: tl.constexpr,  # the grid: one program per SM
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
+):
+    """The TMA path at large M as a persistent kernel (the persistent-matmul tutorial's schedule,
+    https://triton-lang.org/main/getting-started/tutorials/09-persistent-matmul.html): ``flatten`` turns the
+    tile loop and its K loop into one software-pipelined loop, so the next tile's first loads are in flight
+    while this tile's bias, activation and TMA stores run."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        pid_m, pid_n = tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
+        offset_m = pid_m * BLOCK_M
+        offset_n = pid_n * BLOCK_N
+        if EPILOGUE_SPLIT == 2:
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _store_slice(left, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, HAS_BIAS)
+            _store_slice(right, bias_ptr, out, offset_m, offset_n + BLOCK_N // 2, N, ACTIVATION, HAS_BIAS)
+        else:
+            _store_slice(acc, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, HAS_BIAS)
+
+
+_PERSISTENT_ARGS = ("x", "w", "bias_ptr", "out", "M", "N", "K", "M_BUCKET")
 _RUNTIME_ARGS = (
     "x", "w", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
     "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on",
@@ -133,24 +197,27 @@ def linear_triton(
     *,
     out: torch.Tensor | None = None,
     tma: bool | None = None,
+    persistent: bool | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Launches the fused kernel; ``out``, when given, is a (..., N) buffer the result is written into.
 
-    ``tma`` picks the main loop: None decides per signature, True and False force it (see ``matmul_operands``);
-    ``config`` pins a tile config instead of autotuning (benchmark sweeps).
+    ``tma`` picks the main loop: None decides per signature, True and False force it (see ``matmul_operands``).
+    ``persistent`` picks the persistent TMA kernel: None takes it on the TMA path above ``SMALL_M`` rows, True
+    wherever the TMA path runs, False never. ``config`` pins a tile config instead of autotuning (benchmark
+    sweeps).
     """
     key = (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
         weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
         None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
-        activation, tma, config,
+        activation, tma, persistent, config,
     )  # fmt: skip
     entry = PLANS.get(key)
     if entry is None:
-        return _plan_linear(key, x, weight, bias, activation, out, tma, config)
+        return _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config)
     # The kernel takes x's base pointer and the plan's row stride, so x goes in as it is (no (M, K) view).
-    plan, x_template, w_template, shape, static = entry
+    plan, x_template, w_template, out_template, shape, static = entry
     if out is None:
         out = x.new_empty(shape)
     else:
@@ -158,11 +225,13 @@ def linear_triton(
     device_index = x.device.index
     if x_template is not None:
         x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
-    plan.launch(device_index, x, weight, bias, out, *static)
+    plan.launch(
+        device_index, x, weight, bias, out if out_template is None else descriptor_over(out, out_template), *static
+    )
     return out
 
 
-def _plan_linear(key, x, weight, bias, activation, out, tma, config) -> torch.Tensor:
+def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config) -> torch.Tensor:
     check_activation(activation)
     check_operands(x, weight)
     n, k = weight.shape
@@ -179,21 +248,43 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, config) -> torch.Te
     x2d = rows_view(x, m, k)
     if x2d is None:
         # Leading dims that do not flatten to one row stride: copy once, and plan the copy's layout.
-        linear_triton(x.reshape(m, k), weight, bias, activation, out=out.view(m, n), tma=tma, config=config)
+        linear_triton(
+            x.reshape(m, k), weight, bias, activation, out=out.view(m, n), tma=tma, persistent=persistent, config=config
+        )
         return out
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    static = (m, n, k, m_bucket(m), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), n, 1)
-    plan = first_launch(
-        _linear_kernel,
-        matmul_grid(m, n),
-        _RUNTIME_ARGS,
-        (x_operand, w_operand, bias, out, *static),
-        dict(
-            ACTIVATION=activation or "none", HAS_BIAS=bias is not None, IEEE_DOT=dot_is_ieee(x.dtype), USE_TMA=use_tma
-        ),
-        config,
-    )
-    PLANS.add(key, (plan, plan_operand(x_operand), plan_operand(w_operand), shape, static))
+    flags = dict(ACTIVATION=activation or "none", HAS_BIAS=bias is not None)
+    if use_tma and (persistent or (persistent is None and m > SMALL_M)) and (n * x.element_size()) % 16 == 0:
+        # The TMA store needs 16-byte aligned output rows as well.
+        out_operand = output_descriptor(out, m, n)
+        static = (m, n, k, m_bucket(m))
+        programs = min(sm_count(x.device) if x.is_cuda else 3, triton.cdiv(m, 16) * triton.cdiv(n, 32))
+        plan = first_launch(
+            _linear_persistent_kernel,
+            (programs,),
+            _PERSISTENT_ARGS,
+            (x_operand, w_operand, bias, out_operand, *static),
+            dict(**flags, PROGRAMS=programs),
+            config,
+        )
+    else:
+        if persistent:
+            raise ValueError(
+                f"persistent=True needs the TMA path and 16-byte aligned output rows; got N = {n} in {x.dtype}"
+                f"{'' if use_tma else ' and operands or a device that rule TMA out'}"
+            )
+        out_operand = None
+        static = (m, n, k, m_bucket(m), x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), n, 1)
+        plan = first_launch(
+            _linear_kernel,
+            matmul_grid(m, n),
+            _RUNTIME_ARGS,
+            (x_operand, w_operand, bias, out, *static),
+            dict(**flags, IEEE_DOT=dot_is_ieee(x.dtype), USE_TMA=use_tma),
+            config,
+        )
+    entry = (plan, plan_operand(x_operand), plan_operand(w_operand), plan_operand(out_operand), shape, static)
+    PLANS.add(key, entry)
     return out
 
 
