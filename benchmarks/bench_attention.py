@@ -4,6 +4,7 @@
     pytest benchmarks/bench_attention.py --benchmark-only
 
 Columns: ours = ``vitriton.kernels.attention`` (writes (B, S, H * D), the layout the out projection reads);
+packed = ours reading q, k and v as strided views of one (B, S, 3, H, D) buffer (a packed projection's output);
 sdpa = F.scaled_dot_product_attention with its default backend choice, cudnn / flash = the same call pinned
 to that backend with ``torch.nn.attention.sdpa_kernel`` (n/a where the backend refuses the shape). The SDPA
 calls write (B, H, S, D) and skip the transpose a model then pays, so they are the stricter baseline.
@@ -101,7 +102,13 @@ def implementations(case, dtype: torch.dtype) -> dict[str, object]:
         seq = q.shape[2]
         sdpa_mask = torch.ones(seq, seq, dtype=torch.bool, device=DEVICE).tril() & mask[:, None, None, :]
 
-    impls = {"ours": lambda: attention(q, k, v, causal=causal, key_padding_mask=mask)}
+    # q, k and v as strided views of one (B, S, 3, H, D) buffer: the layout of a cuBLAS packed QKV projection
+    # whose head split is only a view (``vitriton.kernels.qkv``'s large-M path).
+    packed = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).contiguous().permute(2, 0, 3, 1, 4)
+    impls = {
+        "ours": lambda: attention(q, k, v, causal=causal, key_padding_mask=mask),
+        "ours-packed": lambda: attention(*packed.unbind(0), causal=causal, key_padding_mask=mask),
+    }
     for peer in PEERS:
         impls[peer] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
     return impls
@@ -136,6 +143,7 @@ def measure(case, dtype: torch.dtype) -> dict[str, object]:
         "dtype": str(dtype).removeprefix("torch."),
         "ours_ms": times["ours"],
         "ours_tflops": flop(case) / times["ours"] * 1e-9,
+        "ours_packed_ms": times["ours-packed"],
     }
     for peer in PEERS:
         row[f"{peer}_ms"] = times[peer]
@@ -149,6 +157,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
     header += "".join(f" {peer + ' ms':>9}" for peer in PEERS)
     header += "".join(f" {'vs ' + peer:>9}" for peer in PEERS)
     header += f" {'ours TF/s':>9}" + "".join(f" {peer + ' TF/s':>10}" for peer in PEERS)
+    header += f" {'packed ms':>9}"
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -159,6 +168,7 @@ def print_table(rows: list[dict[str, object]]) -> None:
         line += "".join(f" {row[peer + '_ms']:>9.3f}" for peer in PEERS)
         line += "".join(f" {row['ratio_vs_' + peer]:>8.2f}x" for peer in PEERS)
         line += f" {row['ours_tflops']:>9.1f}" + "".join(f" {row[peer + '_tflops']:>10.1f}" for peer in PEERS)
+        line += f" {row['ours_packed_ms']:>9.3f}"
         print(line)
 
 
@@ -226,7 +236,7 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-@pytest.mark.parametrize("impl", ["ours", *PEERS])
+@pytest.mark.parametrize("impl", ["ours", "ours-packed", *PEERS])
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_attention(benchmark, case, impl):
     dtype = torch.bfloat16 if ON_GPU else torch.float32

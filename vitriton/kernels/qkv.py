@@ -30,6 +30,7 @@ import triton.language as tl
 from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
 from vitriton.kernels._matmul import (
+    SMALL_M,
     check_operands,
     descriptor_over,
     dot_is_ieee,
@@ -242,6 +243,12 @@ def _qkv_projection_fake(x, weight, bias, num_heads):
     return x.new_empty((3, x.shape[0], num_heads, x.shape[1], head_dim))
 
 
+# From this many rows (batch * seq) up, a CUDA call runs cuBLAS into the packed (B, S, 3 * H * D) layout and
+# returns q, k and v as strided views of it, which the attention kernel reads as they are: the head split then
+# costs no pass at all, and cuBLAS's GEMM beat our head-split epilogue there (benchmarks/results/h100).
+PACKED_MIN_ROWS = SMALL_M + 1
+
+
 def qkv_projection(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -250,8 +257,9 @@ def qkv_projection(
     *,
     eager: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x``: (B, S, K) -> q, k, v each (B, heads, S, head_dim), views of one packed buffer."""
-    if not use_triton(x, eager):
+    """``x``: (B, S, K) -> q, k, v each (B, heads, S, head_dim), views of one packed buffer: head-split
+    (contiguous per head) from the Triton kernel, or strided views of cuBLAS's output at ``PACKED_MIN_ROWS``."""
+    if not use_triton(x, eager) or (x.is_cuda and x.shape[0] * x.shape[1] >= PACKED_MIN_ROWS):
         return qkv_projection_reference(x, weight, bias, num_heads)
     if torch.compiler.is_compiling():
         return _qkv_projection_op(x, weight, bias, num_heads).unbind(0)
