@@ -41,6 +41,7 @@ from vitriton.parallel import (
     frozen,
     get_world_size,
     join,
+    wait_all,
 )
 from vitriton.parallel.group import ProcessGroup
 
@@ -123,16 +124,18 @@ class Attention(nn.Module):
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        pending: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``(out, weights)``; weights (all heads, gathered) only with ``output_attentions``."""
+        """Returns ``(out, weights)``; weights (all heads, gathered) only with ``output_attentions``.
+        ``pending``: the out projection's all-reduce is started, not waited for (``all_reduce``)."""
         q, k, v = self.qkv(x)
         if output_attentions:
             out, weights = attention_with_weights(
                 q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask
             )
-            return self.out_proj(out), gather_heads(weights, self.out_proj.process_group)
+            return self.out_proj(out, pending), gather_heads(weights, self.out_proj.process_group)
         out = attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
-        return self.out_proj(out), None
+        return self.out_proj(out, pending), None
 
 
 class MLP(nn.Module):
@@ -150,8 +153,8 @@ class MLP(nn.Module):
             join(prefix, "fc2"), weights, in_features=inner, out_features=hidden, what="intermediate_size"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x, self.activation))
+    def forward(self, x: torch.Tensor, pending: list | None = None) -> torch.Tensor:
+        return self.fc2(self.fc1(x, self.activation), pending)
 
 
 class EncoderLayer(nn.Module):
@@ -181,8 +184,22 @@ class EncoderLayer(nn.Module):
         delta, weights = self.self_attn(
             normed, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
         )
+        delta, residual = self.mlp_block(delta, residual)
+        return delta, residual, weights
+
+    def attention_block(
+        self, delta: torch.Tensor, residual: torch.Tensor | None, pending: list, **masks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LN1 -> attention, its all-reduce left in ``pending``: the first half of ``forward``."""
+        normed, residual = self.layer_norm1(delta, residual)
+        return self.self_attn(normed, pending=pending, **masks)[0], residual
+
+    def mlp_block(
+        self, delta: torch.Tensor, residual: torch.Tensor, pending: list | None = None, **_
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LN2 -> MLP (its all-reduce left in ``pending`` when given): the second half of ``forward``."""
         normed, residual = self.layer_norm2(delta, residual)
-        return self.mlp(normed), residual, weights
+        return self.mlp(normed, pending), residual
 
 
 class EncoderOutput:
@@ -210,6 +227,7 @@ class Encoder(nn.Module):
         self.num_hidden_layers = config.num_hidden_layers
         built = self.num_hidden_layers if num_layers is None else num_layers
         self.layers = nn.ModuleList(self.layer_cls(join(prefix, f"layers.{i}"), config, weights) for i in range(built))
+        self.chunks: int | None = None  # see overlap_chunks
 
     def forward(
         self,
@@ -223,6 +241,9 @@ class Encoder(nn.Module):
     ) -> EncoderOutput:
         """Runs the first ``depth`` layers, recording the hidden states whose indices are in ``record``
         (0 = the input, i = the output of layer i, as transformers numbers them)."""
+        chunks = self.overlap_chunks(hidden.shape[0])
+        if chunks > 1 and not record and not output_attentions:
+            return self.forward_overlapped(hidden, depth, chunks, causal=causal, key_padding_mask=key_padding_mask)
         states = {0: hidden} if 0 in record else {}
         attentions = []
         delta, residual = hidden, None
@@ -239,6 +260,36 @@ class Encoder(nn.Module):
             tuple(states[i] for i in record) if record else None,
             tuple(attentions) if output_attentions else None,
         )
+
+    def overlap_chunks(self, batch: int) -> int:
+        """How many batch chunks a tensor-parallel forward interleaves (1: none). ``chunks`` set on the encoder
+        overrides; by default 2 under tensor parallelism from batch 2 up, else 1."""
+        if self.chunks is not None:
+            return max(1, min(self.chunks, batch))
+        group = self.layers[0].mlp.fc2.process_group if len(self.layers) else None
+        return 2 if batch >= 2 and get_world_size(group) > 1 else 1
+
+    def forward_overlapped(self, hidden: torch.Tensor, depth: int, chunks: int, **masks) -> EncoderOutput:
+        """Tensor parallelism with its all-reduces overlapped: the batch runs as ``chunks`` slices, and each
+        half-layer of one slice is issued while the previous slices' all-reduces are still running on NCCL's
+        stream (the next slice's attention hides this slice's out-projection reduce; its MLP hides the
+        next one's). Same kernels, same per-row arithmetic as ``forward``; only the GEMMs' M is smaller."""
+        parts = hidden.chunk(chunks)
+        mask = masks.pop("key_padding_mask")
+        part_masks = [None] * len(parts) if mask is None else mask.chunk(chunks)
+        deltas, residuals = list(parts), [None] * len(parts)
+        pending = [[] for _ in parts]  # each slice's started, not yet waited for, all-reduces
+        for layer in self.layers[:depth]:
+            for step in (layer.attention_block, layer.mlp_block):
+                for i, part_mask in enumerate(part_masks):
+                    wait_all(pending[i])
+                    deltas[i], residuals[i] = step(
+                        deltas[i], residuals[i], pending[i], key_padding_mask=part_mask, **masks
+                    )
+        for reduces in pending:
+            wait_all(reduces)
+        residual = None if depth == 0 else torch.cat(residuals)
+        return EncoderOutput(torch.cat(deltas), residual, None, None)
 
 
 def check_feature_layers(feature_layers) -> list[int]:

@@ -19,6 +19,7 @@ from vitriton.parallel.layers import (
     all_reduce,
     autocast_args,
     frozen,
+    wait_all,
 )
 from vitriton.parallel.weights import CheckpointError, Weights, checkpoint_files, join
 
@@ -34,6 +35,7 @@ __all__ = [
     "VocabParallelEmbedding",
     "Weights",
     "all_reduce",
+    "wait_all",
     "autocast_args",
     "check_same_inputs",
     "frozen",

@@ -37,10 +37,21 @@ def autocast_args(
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, pending: list | None = None) -> torch.Tensor:
+    """Sums ``tensor`` over ``group`` in place. With a ``pending`` list the reduce is started, not waited for:
+    its work handle is appended, and ``tensor`` holds the sum once the caller has waited on it (``wait_all``)."""
     if get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        work = dist.all_reduce(tensor, group=group, async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
     return tensor
+
+
+def wait_all(pending: list) -> None:
+    """Orders the current stream after every reduce in ``pending`` (no host wait on GPUs) and empties it."""
+    for work in pending:
+        work.wait()
+    pending.clear()
 
 
 class ReplicatedLinear(nn.Module):
@@ -109,9 +120,10 @@ class RowParallelLinear(ReplicatedLinear):
         b = weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None
         return cls(weight, b, weights.process_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pending: list | None = None) -> torch.Tensor:
+        """``pending``: start the all-reduce asynchronously (see :func:`all_reduce`)."""
         bias = self.bias if get_rank(self.process_group) == 0 else None
-        return all_reduce(linear(*autocast_args(x, self.weight, bias)), self.process_group)
+        return all_reduce(linear(*autocast_args(x, self.weight, bias)), self.process_group, pending)
 
 
 class QKVParallelLinear(nn.Module):
