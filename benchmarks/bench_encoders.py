@@ -7,20 +7,23 @@
 The default set is small: on a GPU, CLIP ViT-B/16-224 and ViT-L/14-336 at batch 1 and 32 for vitriton,
 vitriton-graphs and transformers sdpa, in bf16; without one, the toy CLIP tower on the eager path. The
 environment variables above and VITRITON_BENCH_DTYPE (bf16, fp16, fp32) widen it; ``python3 -m
-benchmarks.report`` is the full run. Each benchmark stores items/s, TFLOP/s, the first call, peak memory and
-the error against transformers in fp32 in ``extra_info``, and fails if that error is out of bounds.
+benchmarks.report`` is the full run. Each benchmark first measures its cell with the report's own code
+(``report.measure``: first call, error against transformers in fp32, timed median, peak memory), stores that row in
+``extra_info`` and fails if the error is out of bounds; pytest-benchmark then times as many calls as the report did.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
+from rich.progress import Progress
 
-from benchmarks.common import first_call, median_ms, relative_error, reps_for, synchronize
+from benchmarks import report
+from benchmarks.common import synchronize
 from benchmarks.models import (
     PRESETS,
     PROVIDERS,
@@ -31,14 +34,11 @@ from benchmarks.models import (
     cast_inputs,
     flops_per_sample,
     make_inputs,
-    outputs_of,
     reference_outputs,
     unavailable,
 )
 
 ON_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda", torch.cuda.current_device()) if ON_CUDA else torch.device("cpu")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ||out - ref_fp32|| / ||ref_fp32|| bounds: loose enough for 27 layers of rounding, far below a broken kernel's ~1.
 MAX_REL_ERR = {torch.bfloat16: 0.1, torch.float16: 0.05, torch.float32: 1e-3}
 
@@ -48,14 +48,27 @@ def _env_list(name: str, default: tuple[str, ...]) -> list[str]:
     return [item for item in value.split(",") if item] if value else list(default)
 
 
-MODELS = _env_list("VITRITON_BENCH_MODELS", ("clip-vit-b16-224", "clip-vit-l14-336") if ON_CUDA else ("tiny-clip-vit",))
-PROVIDER_NAMES = _env_list(
-    "VITRITON_BENCH_PROVIDERS", ("vitriton", "vitriton-graphs", "hf-sdpa") if ON_CUDA else ("vitriton", "hf-sdpa")
+# The report's own options, so names are checked as it checks them and the timing budget is its own.
+ARGS = report.parse_args(
+    [
+        "--models",
+        *_env_list(
+            "VITRITON_BENCH_MODELS", ("clip-vit-b16-224", "clip-vit-l14-336") if ON_CUDA else ("tiny-clip-vit",)
+        ),
+        "--providers",
+        *_env_list(
+            "VITRITON_BENCH_PROVIDERS",
+            ("vitriton", "vitriton-graphs", "hf-sdpa") if ON_CUDA else ("vitriton", "hf-sdpa"),
+        ),
+        "--batch-sizes",
+        *_env_list("VITRITON_BENCH_BATCH_SIZES", ("1", "32") if ON_CUDA else ("1", "8")),
+        "--dtype",
+        os.environ.get("VITRITON_BENCH_DTYPE", "bf16" if ON_CUDA else "fp32"),
+        "--seconds",
+        "0.5" if ON_CUDA else "0.05",
+    ]
 )
-BATCH_SIZES = [int(b) for b in _env_list("VITRITON_BENCH_BATCH_SIZES", ("1", "32") if ON_CUDA else ("1", "8"))]
-DTYPE = DTYPES[os.environ.get("VITRITON_BENCH_DTYPE", "bf16" if ON_CUDA else "fp32")]
-SECONDS = 0.5 if ON_CUDA else 0.05
-CASES = [(model, provider, batch) for model in MODELS for provider in PROVIDER_NAMES for batch in BATCH_SIZES]
+CASES = [(model, provider, batch) for model in ARGS.models for provider in ARGS.providers for batch in ARGS.batch_sizes]
 
 
 class Workspace:
@@ -65,6 +78,10 @@ class Workspace:
     """
 
     def __init__(self) -> None:
+        progress = Progress(disable=True)
+        par = report.Parallel.start("none", "auto")
+        dtype = report.DTYPES[ARGS.dtype]
+        self.run = report.Run(ARGS, par, dtype, None, None, Console(quiet=True), progress, progress.add_task(""))
         self.spec: ModelSpec | None = None
         self.provider: Provider | None = None
         self.encoder: Any = None
@@ -74,27 +91,27 @@ class Workspace:
             return
         self.release()
         self.spec = spec
-        self.master = build_master(spec, DEVICE)
-        self.inputs = make_inputs(spec, max(BATCH_SIZES))
-        self.reference = reference_outputs(self.master, self.inputs)
+        self.master = build_master(spec, self.run.device)
+        inputs = make_inputs(spec, max(ARGS.batch_sizes))
+        self.reference = reference_outputs(self.master, inputs)
+        self.inputs = cast_inputs(inputs, self.run.dtype, self.run.device)
 
     def use_provider(self, provider: Provider) -> Any:
         if provider is not self.provider:
-            self.encoder = self.provider = None
-            gc.collect()
-            if ON_CUDA:
-                torch.cuda.empty_cache()
-            context = BuildContext(self.spec, self.master, DTYPE, DEVICE, tuple(BATCH_SIZES))
-            self.encoder, self.provider = provider.build(context), provider
+            self.release_provider()
+            self.base_bytes = self.run.allocated()
+            context = BuildContext(self.spec, self.master, self.run.dtype, self.run.device, tuple(ARGS.batch_sizes))
+            self.encoder, self.provider, self.first_call_kind = provider.build(context), provider, "build"
         return self.encoder
 
+    def release_provider(self) -> None:
+        provider, self.provider, self.encoder = self.provider, None, None
+        if provider is not None:
+            report._release(provider)
+
     def release(self) -> None:
-        self.spec = self.provider = self.encoder = None
-        self.master = self.inputs = self.reference = None
-        torch._dynamo.reset()
-        gc.collect()
-        if ON_CUDA:
-            torch.cuda.empty_cache()
+        self.release_provider()
+        self.spec = self.master = self.inputs = self.reference = None
 
 
 @pytest.fixture(scope="module")
@@ -107,46 +124,34 @@ def workspace():
 @pytest.mark.parametrize(("model", "provider", "batch"), CASES, ids=[f"{m}-{p}-b{b}" for m, p, b in CASES])
 def test_encoder(benchmark, workspace: Workspace, model: str, provider: str, batch: int) -> None:
     spec, chosen = PRESETS[model], PROVIDERS[provider]
-    reason = unavailable(chosen, DEVICE, "none")
+    reason = unavailable(chosen, workspace.run.device, "none")
     if reason is not None:
         pytest.skip(reason)
     workspace.use_model(spec)
-    base_bytes = torch.cuda.memory_allocated(DEVICE) if ON_CUDA else 0
     encoder = workspace.use_provider(chosen)
-    inputs = cast_inputs(workspace.inputs[:batch], DTYPE, DEVICE)
-    ref_pooled, ref_hidden = workspace.reference
-
-    def step() -> None:
-        encoder(inputs)
-        synchronize()
-
+    inputs = workspace.inputs[:batch]
     with torch.inference_mode():
-        if ON_CUDA:
-            torch.cuda.reset_peak_memory_stats(DEVICE)
-        first_s, output = first_call(lambda: encoder(inputs))
-        pooled, hidden = outputs_of(output)
-        errors = {"rel_err_hidden": relative_error(hidden, ref_hidden[:batch])}
-        if pooled is not None and ref_pooled is not None:
-            errors["rel_err_pooled"] = relative_error(pooled, ref_pooled[:batch])
-        del output, pooled, hidden
-        estimate_ms = median_ms(lambda: encoder(inputs), warmup=0, reps=2)
-        rounds = reps_for(estimate_ms, SECONDS, at_least=5, at_most=100)
-        warmup = reps_for(estimate_ms, SECONDS / 4, at_least=1, at_most=20)
-        benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        row = report.measure(
+            workspace.run,
+            encoder,
+            inputs,
+            workspace.reference,
+            spec=spec,
+            provider=provider,
+            flops=flops_per_sample(spec),
+            base_bytes=workspace.base_bytes,
+            first_call_kind=workspace.first_call_kind,
+        )
+        workspace.first_call_kind = "new batch size"
+        benchmark.extra_info.update(row, dtype=ARGS.dtype)
 
-    benchmark.extra_info.update(
-        model=model,
-        provider=provider,
-        batch=batch,
-        dtype=str(DTYPE).removeprefix("torch."),
-        first_call_s=first_s,
-        peak_mem_gib=(torch.cuda.max_memory_allocated(DEVICE) - base_bytes) / 2**30 if ON_CUDA else None,
-        **errors,
-    )
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None:  # None under --benchmark-disable
-        seconds = stats.stats.median
-        benchmark.extra_info.update(items_per_s=batch / seconds, tflops=flops_per_sample(spec) * batch / seconds / 1e12)
-    bound = MAX_REL_ERR[DTYPE]
-    for name, error in errors.items():
-        assert error <= bound, f"{model} {provider} b{batch}: {name} {error:.3e} exceeds {bound:.0e}"
+        def step() -> None:
+            encoder(inputs)
+            synchronize()
+
+        benchmark.pedantic(step, rounds=row["reps"], warmup_rounds=0, iterations=1)
+
+    bound = MAX_REL_ERR[workspace.run.dtype]
+    for name in ("rel_err_pooled", "rel_err_hidden"):
+        error = row[name]
+        assert error is None or error <= bound, f"{model} {provider} b{batch}: {name} {error:.3e} exceeds {bound:.0e}"

@@ -28,9 +28,8 @@ if __package__ in (None, ""):
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
-from benchmarks.common import median_ms, versions  # noqa: E402
+from benchmarks.common import flushed_ms, versions  # noqa: E402
 from vitriton.kernels.layernorm import layer_norm, layer_norm_config, layer_norm_triton  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
@@ -63,12 +62,6 @@ def bytes_moved(n_rows: int, n_cols: int, dtype: torch.dtype) -> int:
     return (4 * n_rows * n_cols + 2 * n_cols) * element_size
 
 
-def time_ms(fn: Callable[[], object]) -> float:
-    if ON_CUDA:
-        return triton.testing.do_bench(fn, return_mode="median")
-    return median_ms(fn, warmup=1, reps=3)
-
-
 def peers(with_compile: bool) -> dict[str, Callable]:
     found = {"eager": eager_add_layer_norm}
     if with_compile:
@@ -84,11 +77,11 @@ def measure(shapes: list[tuple[int, int]], dtypes: list[torch.dtype], with_compi
         for dtype in dtypes:
             x, residual, weight, bias = make_inputs(n_rows, n_cols, dtype)
             moved = bytes_moved(n_rows, n_cols, dtype)
-            ours_ms = time_ms(partial(layer_norm, x, weight, bias, EPS, residual))
+            ours_ms = flushed_ms(partial(layer_norm, x, weight, bias, EPS, residual))
             # The bare launcher, without the custom op's dispatch: shows what the op wrapper costs.
-            launcher_ms = time_ms(partial(layer_norm_triton, x, weight, bias, EPS, residual))
+            launcher_ms = flushed_ms(partial(layer_norm_triton, x, weight, bias, EPS, residual))
             for peer, fn in peers(with_compile).items():
-                peer_ms = time_ms(partial(fn, x, residual, weight, bias))
+                peer_ms = flushed_ms(partial(fn, x, residual, weight, bias))
                 rows.append(
                     {
                         "shape": f"({n_rows}, {n_cols})",
@@ -119,7 +112,7 @@ def sweep(shapes: list[tuple[int, int]], dtype: torch.dtype) -> list[dict]:
                 if not 1 <= per_thread <= 64:
                     continue
                 launch = partial(layer_norm_triton, *args, block_m=block_m, num_warps=num_warps)
-                ms = time_ms(launch)
+                ms = flushed_ms(launch)
                 rows.append(
                     {
                         "shape": f"({n_rows}, {n_cols})",
@@ -200,7 +193,7 @@ def test_add_layer_norm(benchmark, shape: tuple[int, int], impl: str) -> None:
         def fn():
             return peer(x, residual, weight, bias)
 
-    ms = time_ms(fn)
+    ms = flushed_ms(fn)
     benchmark.extra_info.update(median_ms=ms, gbps=bytes_moved(*shape, dtype) / ms / 1e6, dtype=str(dtype))
 
     def synchronized():

@@ -37,6 +37,16 @@ def median_ms(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30) -> f
     return statistics.median(times)
 
 
+def flushed_ms(fn: Callable[[], object], *, reps: int = 3) -> float:
+    """Median milliseconds of ``fn`` with the L2 cache flushed before every call (``triton.testing.do_bench``)
+    on CUDA, as a layer meets its weights in a full forward; without CUDA a plain ``median_ms`` of ``reps``."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, return_mode="median")
+    return median_ms(fn, warmup=1, reps=reps)
+
+
 def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 

@@ -17,9 +17,10 @@ case $stage in
 kernels)
     run gpu_tests 300 python3 -m pytest tests/kernels tests/test_graphs.py -m "gpu and not slow" -q -p no:cacheprovider
     run sweep_matmul 170 python3 benchmarks/sweep_matmul.py --json "$out/sweep_matmul.json"
-    for op in attention layernorm linear qkv; do
+    for op in attention layernorm; do
         run "bench_$op" 100 python3 "benchmarks/bench_$op.py" --json "$out/bench_$op.json"
     done
+    run bench_gemm 300 python3 -m benchmarks.bench_gemm --out "$out"
     tail -3 "$out/gpu_tests.log"
     ;;
 report)

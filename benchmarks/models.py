@@ -78,6 +78,16 @@ PRESETS: dict[str, ModelSpec] = {
             image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
         ),
         _preset(
+            "clip-vit-h14-224", CLIPVisionModel, CLIPVisionConfig,
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+            image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5,
+        ),
+        _preset(
+            "clip-vit-bigg14-224", CLIPVisionModel, CLIPVisionConfig,
+            hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16,
+            image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5,
+        ),
+        _preset(
             "clip-text-l14", CLIPTextModel, CLIPTextConfig,
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", layer_norm_eps=1e-5,
