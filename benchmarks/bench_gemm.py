@@ -8,8 +8,10 @@ Each model's qkv, out_proj, fc1 and fc2 GEMMs, M = batch * tokens, against these
   cublaslt-gelu      ``torch._addmm_activation(b, x, w.t(), use_gelu=True)``, cuBLASLt's bias + GELU (tanh)
                      epilogue: the ceiling for any fused fc1 (fc1)
   cublas+act         ``F.linear``, then the model's activation as separate ops (fc1)
-  vitriton           ``linear_triton``, the model's activation fused at fc1, none at out_proj and fc2;
-                     ``qkv_projection_triton``, q, k and v written head-split, at qkv
+  vitriton           ``linear_triton``, the model's activation fused at fc1, none at out_proj and fc2 (the
+                     persistent TMA kernel above SMALL_M rows on Hopper); ``qkv_projection_triton``, q, k
+                     and v written head-split, at qkv
+  vitriton-tiled     ``linear_triton(persistent=False)``: one program per tile
   cublas-packed-qkv  ``F.linear`` viewed as (B, S, 3, H, D): the head split as views, no extra pass (qkv)
 ratio = cublas ms / candidate ms (above 1: faster than cuBLAS); TFLOP/s counts 2 * M * N * K. On CUDA every
 call is timed with the L2 cache flushed before it (``common.flushed_ms``). Each candidate's first output is
@@ -43,8 +45,13 @@ from benchmarks import render  # noqa: E402
 from benchmarks.common import flushed_ms, gpu_name, relative_error, run_benchmark, write_rows  # noqa: E402
 from benchmarks.models import PRESETS, tokens_per_sample  # noqa: E402
 from benchmarks.report import RESULTS, device_slug  # noqa: E402
-from vitriton.kernels._matmul import last_config  # noqa: E402
-from vitriton.kernels.linear import _linear_kernel, linear_reference, linear_triton  # noqa: E402
+from vitriton.kernels._matmul import SMALL_M, last_config  # noqa: E402
+from vitriton.kernels.linear import (  # noqa: E402
+    _linear_kernel,
+    _linear_persistent_kernel,
+    linear_reference,
+    linear_triton,
+)
 from vitriton.kernels.qkv import _qkv_kernel, qkv_projection_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -59,9 +66,9 @@ GPU_BATCH_SIZES = (8, 128)
 CPU_BATCH_SIZES = (2,)
 CANDIDATES = {
     "qkv": ("cublas", "cublas-packed-qkv", "vitriton"),
-    "out_proj": ("cublas", "vitriton"),
-    "fc1": ("cublas", "cublaslt-gelu", "cublas+act", "vitriton"),
-    "fc2": ("cublas", "vitriton"),
+    "out_proj": ("cublas", "vitriton", "vitriton-tiled"),
+    "fc1": ("cublas", "cublaslt-gelu", "cublas+act", "vitriton", "vitriton-tiled"),
+    "fc2": ("cublas", "vitriton", "vitriton-tiled"),
 }
 
 
@@ -128,6 +135,7 @@ def candidates(gemm: Gemm, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) ->
         "cublas+act": Candidate(lambda: linear_reference(x, w, b, act), act),
         "cublas-packed-qkv": Candidate(lambda: F.linear(x, w, b).view(split)),
         "vitriton": ours,
+        "vitriton-tiled": Candidate(lambda: linear_triton(x, w, b, act, persistent=False), act),
     }
     return {name: every[name] for name in CANDIDATES[gemm.layer]}
 
@@ -139,6 +147,14 @@ def error_of(gemm: Gemm, candidate: Candidate, out: torch.Tensor, cublas_out: to
         expected = ACT2FN[candidate.activation](expected)
     rows = out.permute(1, 3, 0, 2, 4) if candidate.head_split else out
     return relative_error(rows.reshape(gemm.m, gemm.n), expected)
+
+
+def kernel_config(gemm: Gemm) -> str:
+    """The tile config of the kernel ``vitriton`` ran at ``gemm`` (the linear plan records which kernel)."""
+    if gemm.layer == "qkv":
+        return last_config(_qkv_kernel)
+    persistent = gemm.m > SMALL_M and _linear_persistent_kernel.best_config is not None
+    return ("persistent " + last_config(_linear_persistent_kernel)) if persistent else last_config(_linear_kernel)
 
 
 def measure(gemm: Gemm, dtype: torch.dtype) -> list[dict[str, Any]]:
@@ -167,7 +183,9 @@ def measure(gemm: Gemm, dtype: torch.dtype) -> list[dict[str, Any]]:
             row.update(status="error", note=f"{type(error).__name__}: {str(error).splitlines()[0][:120]}")
             continue
         if name == "vitriton":
-            row["note"] = last_config(_qkv_kernel if gemm.layer == "qkv" else _linear_kernel)
+            row["note"] = kernel_config(gemm)
+        if name == "vitriton-tiled":
+            row["note"] = last_config(_linear_kernel)
         if row["rel_err"] > TOLERANCE[dtype]:
             continue
         ms = flushed_ms(candidate.call)
