@@ -78,6 +78,11 @@ PRESETS: dict[str, ModelSpec] = {
             image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
         ),
         _preset(
+            "clip-vit-bigg14-224", CLIPVisionModel, CLIPVisionConfig,
+            hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16,
+            image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5,
+        ),
+        _preset(
             "clip-text-l14", CLIPTextModel, CLIPTextConfig,
             hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
             max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -206,7 +211,7 @@ class BuildContext:
     device: torch.device
     batch_sizes: tuple[int, ...]  # the batch sizes the run will call with (CUDA-graph buckets)
     parallel: str = "none"  # "tensor": shard the weights over process_group; "data": split each batch over it
-    process_group: Any = None
+    process_group: Any = None  # with parallel "none": None, or a 1-rank group under torchrun
     compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None lets it recompile once, dynamic
     compile_mode: str | None = None
 
@@ -271,10 +276,10 @@ def _transformers(build: Callable[[BuildContext], Encoder]) -> Callable[[BuildCo
 def _vitriton_model(ctx: BuildContext) -> torch.nn.Module:
     import vitriton
 
-    if ctx.parallel == "none":
-        return vitriton.from_transformers(ctx.master, dtype=ctx.dtype, device=ctx.device)
+    # "none" is a whole model: tensor parallelism over no group (a lone process) or a 1-rank group (torchrun).
+    parallel = "tensor" if ctx.parallel == "none" else ctx.parallel
     return vitriton.from_transformers(
-        ctx.master, dtype=ctx.dtype, device=ctx.device, process_group=ctx.process_group, parallel=ctx.parallel
+        ctx.master, dtype=ctx.dtype, device=ctx.device, process_group=ctx.process_group, parallel=parallel
     )
 
 
