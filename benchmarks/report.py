@@ -488,7 +488,9 @@ def parallel_table(rows: Sequence[dict[str, Any]], model: str, unit: str, names:
     mine = {(r["provider"], r["batch"]): r for r in rows if r["model"] == model}
     batches = sorted({batch for _, batch in mine})
     table = Table(
-        title=f"{model}: ms · {unit}/s · speedup over TP1 of the same provider and batch", title_justify="left"
+        title=f"{model}: ms · {unit}/s · speedup over TP1",
+        caption="speedup: TP1's time over this one, same provider and batch",
+        title_justify="left",
     )
     table.add_column("provider@config")
     for batch in batches:
