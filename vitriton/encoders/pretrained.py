@@ -34,8 +34,8 @@ from vitriton.parallel.group import ProcessGroup
 
 PARALLEL_MODES = ("tensor", "data", "auto")
 # parallel="auto" picks data parallelism when the full weights take at most this fraction of each rank's memory:
-# the rest holds activations (about 1 GiB a layer's worth at batch 128 for the largest towers), CUDA graph pools
-# and whatever else the process runs (the language model around a LLaVA vision tower).
+# the rest holds activations, CUDA graph pools and whatever else the process runs (the language model around a
+# LLaVA vision tower).
 AUTO_WEIGHT_FRACTION = 0.25
 AUTO_BUDGET_ENV = "VITRITON_WEIGHT_BUDGET_GIB"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
