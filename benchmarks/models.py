@@ -216,7 +216,7 @@ class BuildContext:
     device: torch.device
     batch_sizes: tuple[int, ...]  # the batch sizes the run will call with (CUDA-graph buckets)
     parallel: str = "none"  # "tensor": shard the weights over process_group; "data": split each batch over it
-    process_group: Any = None
+    process_group: Any = None  # with parallel "none": None, or a 1-rank group under torchrun
     compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None lets it recompile once, dynamic
     compile_mode: str | None = None
 
@@ -281,10 +281,10 @@ def _transformers(build: Callable[[BuildContext], Encoder]) -> Callable[[BuildCo
 def _vitriton_model(ctx: BuildContext) -> torch.nn.Module:
     import vitriton
 
-    if ctx.parallel == "none":
-        return vitriton.from_transformers(ctx.master, dtype=ctx.dtype, device=ctx.device)
+    # "none" is a whole model: tensor parallelism over no group (a lone process) or a 1-rank group (torchrun).
+    parallel = "tensor" if ctx.parallel == "none" else ctx.parallel
     return vitriton.from_transformers(
-        ctx.master, dtype=ctx.dtype, device=ctx.device, process_group=ctx.process_group, parallel=ctx.parallel
+        ctx.master, dtype=ctx.dtype, device=ctx.device, process_group=ctx.process_group, parallel=parallel
     )
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# NCCL tests of the parallel layer on one multi-GPU host: `bash benchmarks/parallel_session.sh OUTDIR`.
+# NCCL tests of the parallel layer on one multi-GPU host, then the TP/DP benchmark table:
+# `bash benchmarks/parallel_session.sh OUTDIR`.
 # Writes OUTDIR/topo.txt (nvidia-smi topo -m), versions.txt, the pytest log of the 2-rank run and, with 4 or more
-# GPUs, of the 4-rank run (nccl_ranks<N>.log; each worker's JSON lines and summary.txt under tmp_ranks<N>/), and
-# prints a summary last.
+# GPUs, of the 4-rank run (nccl_ranks<N>.log; each worker's JSON lines and summary.txt under tmp_ranks<N>/), then
+# `make bench-parallel` over min(4, GPUs) ranks (report_parallel.log; JSON, CSV, PNG under report/), and prints a
+# summary last.
 set -uo pipefail
 out=${1:?output directory}
 mkdir -p "$out"
@@ -33,6 +35,13 @@ for ranks in 2 4; do
     fi
 done
 
+if [ "$gpus" -ge 2 ]; then
+    run report_parallel.log 3000 make bench-parallel PYTHON=python3 NPROC=$((gpus < 4 ? gpus : 4)) \
+        BENCH_ARGS="--out $out/report"
+else
+    status+=("report_parallel.log: skipped, $gpus GPUs")
+fi
+
 echo "== $gpus GPUs"
 head -n 3 "$out/versions.txt"
 for ranks in 2 4; do
@@ -40,4 +49,5 @@ for ranks in 2 4; do
     [ -n "$summary" ] && echo "== $ranks ranks" && cat "$summary"
     [ -f "$out/nccl_ranks$ranks.log" ] && tail -n 1 "$out/nccl_ranks$ranks.log"
 done
+[ -f "$out/report_parallel.log" ] && grep -A 12 "speedup over TP1" "$out/report_parallel.log"
 printf '%s\n' "${status[@]}"

@@ -22,19 +22,27 @@ How each number is taken:
   with a dynamic batch dimension that later sizes reuse; --compile-static compiles every size on its own
   (fairest kernels, about twice the compile time).
 
-Parallel runs (``torchrun --nproc-per-node N -m benchmarks.report --parallel tensor|data``): ``tensor`` shards
+Parallel runs (``torchrun --nproc-per-node N -m benchmarks.report --parallel tensor|data|all``): ``tensor`` shards
 vitriton's weights over the ranks (transformers providers are skipped); ``data`` gives every rank the full
 weights and a share of each batch, outputs all-gathered (vitriton's ``parallel="data"``, and the same split
-around transformers). Batch sizes stay global; times are the slowest rank's; rank 0 writes the files.
+around transformers). ``all`` measures, in one run, TP1, TP2, TP4, ... (tensor parallel over ranks 0..n-1) and
+DP2, DP4, ... (data parallel over ranks 0..n-1), every power of two up to N and N itself; the ranks outside a
+configuration wait on a gloo barrier (no GPU work, no NCCL traffic), so each number is that configuration's
+alone. It prints a table per model of latency, throughput and the speedup over TP1 of the same provider and
+batch, and ANCHORS.md's tensor-parallel targets. Batch sizes stay global; times are the slowest rank's; rank 0
+writes the files (and ``nvidia-smi topo -m`` into the JSON and topo.txt).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import gc
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,7 +128,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--warm-caches", action="store_true", help="use the usual on-disk Triton/Inductor caches (warm first calls)"
     )
     parser.add_argument("--matmul-size", type=int, help="side of the peak matmul (default: 8192 GPU, 1024 CPU)")
-    parser.add_argument("--parallel", choices=("none", "tensor", "data"), default="none", help="under torchrun")
+    parser.add_argument(
+        "--parallel",
+        choices=("none", "tensor", "data", "all"),
+        default="none",
+        help="under torchrun; all: TP1, TP2, ..., DPn side by side",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 in a CPU smoke run)")
     parser.add_argument("--seed", type=int, default=0, help="for the weights and inputs (default: 0)")
     parser.add_argument("--list", action="store_true", help="list the presets and providers, then exit")
@@ -147,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 class Parallel:
     """This process's place in a torchrun launch; a lone process is rank 0 of 1."""
 
-    mode: str  # "none", "tensor" or "data"
+    mode: str  # "none", "tensor", "data" or "all"
     device: torch.device
     rank: int = 0
     world: int = 1
@@ -162,7 +175,7 @@ class Parallel:
         if world == 1:
             return cls(mode, torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
         if mode == "none":
-            raise SystemExit(f"started by torchrun with WORLD_SIZE={world}; pass --parallel tensor or --parallel data")
+            raise SystemExit(f"started by torchrun with WORLD_SIZE={world}; pass --parallel tensor, data or all")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -171,11 +184,11 @@ class Parallel:
 
     @property
     def build_mode(self) -> str:
-        """What the providers are told: a lone process runs unsharded whatever --parallel says."""
-        return self.mode if self.group is not None else "none"
+        """What the providers are told: one rank runs unsharded whatever --parallel says."""
+        return self.mode if self.world > 1 else "none"
 
     def max_over_ranks(self, values: Sequence[float | None]) -> list[float | None]:
-        if self.group is None:
+        if self.world == 1:
             return list(values)
         lowest = float("-inf")
         tensor = torch.tensor([lowest if v is None else v for v in values], dtype=torch.float64, device=self.device)
@@ -191,6 +204,29 @@ class Parallel:
     def stop(self) -> None:
         if self.group is not None:
             dist.destroy_process_group()
+
+    def sweep(self) -> list[tuple[str, Parallel | None]]:
+        """``--parallel all``: (label, this rank's view of it, or None when the configuration leaves it out) for
+        TP1, TP2, TP4, ... and DP2, DP4, ..., each on ranks 0..n-1. Every rank creates every group, in one order,
+        as NCCL requires of new_group."""
+        sizes = sorted({2**k for k in range(self.world.bit_length()) if 2**k <= self.world} | {self.world})
+        groups = {n: self.group if n == self.world else dist.new_group(list(range(n))) for n in sizes}
+        configs: list[tuple[str, Parallel | None]] = []
+        for mode, short in (("tensor", "tp"), ("data", "dp")):
+            for n in sizes:
+                if mode == "data" and n == 1:
+                    continue  # DP1 is TP1
+                view = None
+                if self.rank < n:
+                    view = Parallel(mode, self.device, self.rank, n, groups[n])
+                configs.append((f"{short}{n}", view))
+        return configs
+
+    def waiting_group(self) -> Any:
+        """A gloo group over every rank, where ranks outside a configuration wait for it without touching a GPU."""
+        if self.group is None:
+            return None
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
 
 
 def device_slug(name: str) -> str:
@@ -216,10 +252,14 @@ class Run:
     console: Console
     progress: Progress
     task: Any
+    config: str = ""  # --parallel all: the configuration measured ("tp2"), appended to provider names
 
     @property
     def device(self) -> torch.device:
         return self.par.device
+
+    def name(self, provider: Provider) -> str:
+        return f"{provider.name}@{self.config}" if self.config else provider.name
 
     @property
     def cuda(self) -> bool:
@@ -317,10 +357,11 @@ def run_provider(
     batch_sizes: Sequence[int],
 ) -> list[dict[str, Any]]:
     rows = []
+    name = run.name(provider)
     flops = flops_per_sample(spec)
     reason = unavailable(provider, run.device, run.par.build_mode)
     if reason is not None:
-        rows = [_row(spec, provider.name, b, "skipped", reason) for b in batch_sizes]
+        rows = [_row(spec, name, b, "skipped", reason) for b in batch_sizes]
         run.progress.advance(run.task, len(batch_sizes))
         return rows
 
@@ -339,24 +380,24 @@ def run_provider(
         compile_dynamic=False if run.args.compile_static else None,
         compile_mode=run.args.compile_mode,
     )
-    run.progress.update(run.task, description=f"{spec.name} · {provider.name} · building")
+    run.progress.update(run.task, description=f"{spec.name} · {name} · building")
     try:
         t0 = time.perf_counter()
         encoder = provider.build(context)
         synchronize()
         build_s = time.perf_counter() - t0
     except Exception as error:
-        run.console.print(f"[red]{spec.name} {provider.name}: building failed[/red]\n{traceback.format_exc()}")
+        run.console.print(f"[red]{spec.name} {name}: building failed[/red]\n{traceback.format_exc()}")
         run.progress.advance(run.task, len(batch_sizes))
-        return [_row(spec, provider.name, b, "error", f"build: {_short(error)}") for b in batch_sizes]
+        return [_row(spec, name, b, "error", f"build: {_short(error)}") for b in batch_sizes]
 
     model_inputs = cast_inputs(inputs, run.dtype, run.device)
     first_call_kind = "build"
     for batch in batch_sizes:
-        run.progress.update(run.task, description=f"{spec.name} · {provider.name} · b{batch}")
+        run.progress.update(run.task, description=f"{spec.name} · {name} · b{batch}")
         reason = batch_unsupported(provider, batch, run.par.build_mode, run.par.world)
         if reason is not None:
-            rows.append(_row(spec, provider.name, batch, "skipped", reason))
+            rows.append(_row(spec, name, batch, "skipped", reason))
         else:
             try:
                 with torch.inference_mode():
@@ -366,7 +407,7 @@ def run_provider(
                         model_inputs[:batch],
                         reference,
                         spec=spec,
-                        provider=provider.name,
+                        provider=name,
                         flops=flops,
                         base_bytes=base_bytes,
                         first_call_kind=first_call_kind,
@@ -379,9 +420,9 @@ def run_provider(
                     gc.collect()
                     torch.cuda.empty_cache()
                 else:
-                    run.console.print(f"[red]{spec.name} {provider.name} b{batch} failed[/red]")
+                    run.console.print(f"[red]{spec.name} {name} b{batch} failed[/red]")
                     run.console.print(traceback.format_exc(limit=-4))
-                rows.append(_row(spec, provider.name, batch, "error", _short(error)))
+                rows.append(_row(spec, name, batch, "error", _short(error)))
         run.console.print(render.cell_line(rows[-1], spec.unit), highlight=False)
         run.progress.advance(run.task)
     del encoder
@@ -389,18 +430,119 @@ def run_provider(
     return rows
 
 
-def run_model(run: Run, spec: ModelSpec, providers: Sequence[Provider], batch_sizes: Sequence[int]) -> list[dict]:
+def run_model(
+    run: Run,
+    spec: ModelSpec,
+    providers: Sequence[Provider],
+    batch_sizes: Sequence[int],
+    configs: Sequence[tuple[str, Parallel | None]] = (),
+    waiting: Any = None,
+) -> list[dict]:
+    """Every provider at every batch size; with ``configs`` (``--parallel all``), once per configuration this rank
+    belongs to, the other ranks waiting on ``waiting`` until it is done."""
     run.progress.update(run.task, description=f"{spec.name} · fp32 reference")
     master = build_master(spec, run.device, seed=run.args.seed)
     run.par.same_weights(master)
     inputs = make_inputs(spec, max(batch_sizes), seed=run.args.seed)
     reference = reference_outputs(master, inputs)
     rows = []
-    for provider in providers:
-        rows += run_provider(run, spec, provider, master, inputs, reference, batch_sizes)
+    for config, view in configs or [("", run.par)]:
+        if view is not None:
+            measured = dataclasses.replace(run, par=view, config=config)
+            for provider in providers:
+                found = run_provider(measured, spec, provider, master, inputs, reference, batch_sizes)
+                if config:
+                    for row in found:
+                        row.update(parallel=config, ranks=view.world)
+                rows += found
+        if waiting is not None:
+            dist.barrier(group=waiting)
     del master, reference
     gc.collect()
     return rows
+
+
+# ANCHORS.md's tensor-parallel targets: (configuration, batch, what, op, bound) as ratios to TP1.
+TP_TARGETS = (
+    ("tp2", 8, "latency", "<=", 0.65),
+    ("tp4", 8, "latency", "<=", 0.45),
+    ("tp2", 128, "throughput", ">=", 1.7),
+)
+
+
+def add_tp1_speedups(rows: list[dict[str, Any]]) -> None:
+    """``--parallel all``: each row's ``vs_tp1``, TP1's time over its own for the same model, provider and batch
+    (the latency ratio inverted, and the throughput ratio: the batch is the same)."""
+    tp1 = {
+        (r["model"], r["provider"].rpartition("@")[0], r["batch"]): r["ms"]
+        for r in rows
+        if r.get("parallel") == "tp1" and r["status"] == "ok"
+    }
+    for row in rows:
+        base = tp1.get((row["model"], row["provider"].rpartition("@")[0], row["batch"]))
+        row["vs_tp1"] = base / row["ms"] if base and row["status"] == "ok" else None
+
+
+def parallel_table(rows: Sequence[dict[str, Any]], model: str, unit: str, names: Sequence[str]) -> Table:
+    """``--parallel all``: latency, throughput and speedup over TP1, per provider@configuration and batch size."""
+    mine = {(r["provider"], r["batch"]): r for r in rows if r["model"] == model}
+    batches = sorted({batch for _, batch in mine})
+    table = Table(
+        title=f"{model}: ms · {unit}/s · speedup over TP1",
+        caption="speedup: TP1's time over this one, same provider and batch",
+        title_justify="left",
+    )
+    table.add_column("provider@config")
+    for batch in batches:
+        table.add_column(f"b{batch}", justify="right")
+    for name in names:
+        cells = []
+        for batch in batches:
+            row = mine.get((name, batch))
+            if row is None or row["status"] != "ok":
+                cells.append(f"[dim]{row['status'] if row else '-'}[/dim]")
+                continue
+            speedup = "-" if row["vs_tp1"] is None else f"{row['vs_tp1']:.2f}x"
+            cells.append(f"{render.number(row['ms'])} ms · {render.number(row['items_per_s'])}/s · {speedup}")
+        table.add_row(name, *cells)
+    return table
+
+
+def tp_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ANCHORS.md's tensor-parallel targets this run has data for, by the provider closest to each bound."""
+    checks = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for config, batch, what, op, bound in TP_TARGETS:
+            found = [
+                r
+                for r in rows
+                if r["model"] == model and r.get("parallel") == config and r["batch"] == batch and r["vs_tp1"]
+            ]
+            if not found:
+                continue
+            best = max(found, key=lambda r: r["vs_tp1"])
+            value = 1 / best["vs_tp1"] if what == "latency" else best["vs_tp1"]
+            checks.append(
+                {
+                    "target": f"{model} b{batch} {config.upper()} {what} / TP1",
+                    "value": value,
+                    "bound": f"{op} {bound}",
+                    "met": value <= bound if op == "<=" else value >= bound,
+                    "provider": best["provider"],
+                }
+            )
+    return checks
+
+
+def topology() -> str | None:
+    """``nvidia-smi topo -m`` (how the GPUs connect), or None without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        done = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"nvidia-smi topo -m failed: {error}"
+    return done.stdout if done.returncode == 0 else f"nvidia-smi topo -m exited {done.returncode}: {done.stderr}"
 
 
 def model_table(specs: Sequence[ModelSpec]) -> tuple[Table, dict[str, Any]]:
@@ -463,7 +605,9 @@ def environment(par: Parallel, peak_tflops: float | None, matmul_size: int, dtyp
             "multiprocessors": properties.multi_processor_count,
             "capability": f"{properties.major}.{properties.minor}",
             "count": par.world,
+            "visible": torch.cuda.device_count(),
         }
+        env["nvidia_smi_topo"] = topology()
     return env
 
 
@@ -482,13 +626,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [PRESETS[name] for name in (args.models or (GPU_MODELS if on_gpu else CPU_MODELS))]
     batch_sizes = args.batch_sizes or list(GPU_BATCH_SIZES if on_gpu else CPU_BATCH_SIZES)
     provider_names = args.providers or [
-        name for name in (GPU_PROVIDERS if on_gpu else CPU_PROVIDERS) if par.mode != "tensor" or PROVIDERS[name].shards
+        name
+        for name in (GPU_PROVIDERS if on_gpu else CPU_PROVIDERS)
+        if par.mode not in ("tensor", "all") or PROVIDERS[name].shards
     ]
     if args.skip_compile:
         provider_names = [name for name in provider_names if name != "hf-compile"]
     providers = [PROVIDERS[name] for name in provider_names]
+    configs = par.sweep() if par.mode == "all" else []
+    waiting = par.waiting_group() if configs else None
+    # What the rows are named: provider@configuration under --parallel all.
+    row_names = [f"{name}@{config}" for name in provider_names for config, _ in configs] or provider_names
     if args.baseline is None:
         args.baseline = BASELINE if BASELINE in provider_names else "hf-sdpa"
+        if configs:
+            args.baseline = f"{provider_names[0]}@tp1"
     dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
     dtype = DTYPES[dtype_name]
     args.seconds = args.seconds if args.seconds is not None else (0.5 if on_gpu else 0.05)
@@ -526,10 +678,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("starting", total=len(specs) * len(providers) * len(batch_sizes))
+            cells = len(specs) * len(providers) * len(batch_sizes) * max(len(configs), 1)
+            task = progress.add_task("starting", total=cells)
             run = Run(args, par, dtype, peak_tflops, cache_root, console, progress, task)
             for spec in specs:
-                rows += run_model(run, spec, providers, batch_sizes)
+                rows += run_model(run, spec, providers, batch_sizes, configs, waiting)
     finally:
         if cache_root is not None:
             shutil.rmtree(cache_root, ignore_errors=True)
@@ -537,13 +690,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     render.add_baseline_ratios(rows, args.baseline)
     checks = render.check_targets(rows, args.baseline) if not smoke else []
+    if configs:
+        add_tp1_speedups(rows)
+        checks = tp_targets(rows)
     title = f"{'CPU smoke run (eager path)' if smoke else device_name} · {dtype_name}"
-    if par.world > 1:
+    if configs:
+        title += f" · {', '.join(config.upper() for config, _ in configs)} of {par.world} ranks"
+    elif par.world > 1:
         title += f" · {par.mode} parallel x{par.world}"
     console.print(render.detail_table(rows, args.baseline, title))
     for spec in specs:
-        console.print(render.summary_table(rows, spec.name, spec.unit, provider_names, args.baseline))
-    if checks:
+        if configs:
+            console.print(parallel_table(rows, spec.name, spec.unit, row_names))
+        else:
+            console.print(render.summary_table(rows, spec.name, spec.unit, row_names, args.baseline))
+    if checks and not smoke:
         console.print(render.targets_table(checks))
 
     if par.rank == 0:
@@ -551,7 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or RESULTS / slug
         out.mkdir(parents=True, exist_ok=True)
         stem = f"encoders_{dtype_name}"
-        if par.build_mode != "none":
+        if configs:
+            stem += f"_parallel{par.world}"
+        elif par.build_mode != "none":
             stem += f"_{par.mode[0]}p{par.world}"
         meta = {
             "title": title,
@@ -559,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "device": device_name,
             "dtype": dtype_name,
             "threads": torch.get_num_threads(),
-            "parallel": {"mode": par.mode, "world_size": par.world},
+            "parallel": {"mode": par.mode, "world_size": par.world, "configs": [config for config, _ in configs]},
             "batch_sizes": batch_sizes,
             "providers": {name: PROVIDERS[name].description for name in provider_names},
             "baseline": args.baseline,
@@ -575,7 +738,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         render.write_json(out / f"{stem}.json", meta, models, rows)
         render.write_csv(out / f"{stem}.csv", rows)
         units = {spec.name: spec.unit for spec in specs}
-        render.write_plot(out / f"{stem}.png", rows, units, provider_names, title)
+        render.write_plot(out / f"{stem}.png", rows, units, row_names, title)
+        topo = meta["environment"].get("nvidia_smi_topo")
+        if topo:
+            (out / f"{stem}_topo.txt").write_text(topo)
         console.print(f"{len(rows)} cells in {wall_s:.0f} s; wrote {out}/{stem}.{{json,csv,png}}")
     par.stop()
     return 0

@@ -89,7 +89,11 @@ def from_pretrained(
     - ``process_group`` / ``parallel``: default the default group when torch.distributed is initialised.
       ``parallel="tensor"`` shards heads and MLP columns over the group's ranks (each reads only its slices) and
       needs every rank to pass the same batch; ``parallel="data"`` gives every rank the full weights, splits each
-      batch and gathers the outputs, and needs every rank to pass the same full batch.
+      batch and gathers the outputs, and needs every rank to pass the same full batch (a batch smaller than the
+      world size runs whole on every rank). ``parallel="auto"`` picks at load time: data when the full weights
+      fit every rank's budget (a quarter of the device's memory, of the host's memory over its ranks on the CPU,
+      or ``VITRITON_WEIGHT_BUDGET_GIB``), tensor otherwise. ``model.parallel_mode`` (and its repr) says which
+      ran: "data", "tensor", or "none" for a single rank.
     - ``check_inputs``: check on each call that all ranks passed the same inputs (default: the
       ``VITRITON_CHECK_INPUTS`` environment variable).
     - ``prefix``: where the model sits in the checkpoint, when not found on its own.

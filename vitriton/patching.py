@@ -25,6 +25,7 @@ from transformers.models.clip import modeling_clip
 from transformers.models.siglip import modeling_siglip
 
 from vitriton.encoders import clip, siglip
+from vitriton.encoders.pretrained import PARALLEL_MODES
 from vitriton.encoders.trunk import TextTransformer, VisionTransformer
 from vitriton.graphs import check_cuda_graphs, enable_cuda_graphs
 from vitriton.parallel.group import ProcessGroup
@@ -36,7 +37,6 @@ TOWERS: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
     modeling_siglip.SiglipVisionModel: (siglip.SiglipVisionModel, "vision_model"),
     modeling_siglip.SiglipTextModel: (siglip.SiglipTextModel, "text_model"),
 }
-PARALLEL_MODES = ("tensor", "data")
 
 
 def patch(
@@ -51,8 +51,9 @@ def patch(
     The towers keep the dtype and device of their parameters. ``process_group`` (default: the default group when
     torch.distributed is initialised) and ``parallel`` are those of :func:`vitriton.from_pretrained`: in tensor
     mode each rank keeps its shard of the full in-memory weights, in data mode the whole tower and its share of
-    each batch. ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose towers are vitriton's
-    already is left as it is (patching twice changes nothing). When ``model`` is itself a tower, the object
+    each batch; ``"auto"`` picks one per tower by its size, as :func:`vitriton.from_pretrained` does.
+    ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose towers are vitriton's already is left
+    as it is (patching twice changes nothing). When ``model`` is itself a tower, the object
     becomes vitriton's tower (its class changes; the identity and ``model.config`` stay).
     """
     if parallel not in PARALLEL_MODES:

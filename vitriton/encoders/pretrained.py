@@ -8,20 +8,36 @@ checkpoint), so one rule serves every layout; a projection or the other tower si
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from vitriton.encoders.trunk import Tower, resolve_feature_layers
-from vitriton.parallel import CheckpointError, DataParallel, SameInputs, Weights, default_group, get_world_size, join
+from vitriton.parallel import (
+    CheckpointError,
+    DataParallel,
+    SameInputs,
+    Weights,
+    default_group,
+    get_world_size,
+    join,
+    parallel_mode,
+)
 from vitriton.parallel.group import ProcessGroup
 
-PARALLEL_MODES = ("tensor", "data")
+PARALLEL_MODES = ("tensor", "data", "auto")
+# parallel="auto" picks data parallelism when the full weights take at most this fraction of each rank's memory:
+# the rest holds activations, CUDA graph pools and whatever else the process runs (the language model around a
+# LLaVA vision tower).
+AUTO_WEIGHT_FRACTION = 0.25
+AUTO_BUDGET_ENV = "VITRITON_WEIGHT_BUDGET_GIB"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The tensor that marks where a tower lives in a checkpoint.
 TOWER_MARKERS = {"vision": "embeddings.patch_embedding.weight", "text": "embeddings.token_embedding.weight"}
@@ -118,12 +134,59 @@ def warn_unused_layers(weights: Weights, prefix: str, config) -> None:
         )
 
 
+def weight_budget(device: torch.device, group: ProcessGroup | None) -> float:
+    """Bytes of full weights that ``parallel="auto"`` lets each rank hold: ``VITRITON_WEIGHT_BUDGET_GIB`` when
+    set, else a quarter of the device's memory (a CUDA device's total; on the CPU, physical memory over the ranks
+    that share the host, ``LOCAL_WORLD_SIZE`` as torchrun sets it, else the group's size)."""
+    override = os.environ.get(AUTO_BUDGET_ENV, "")
+    if override:
+        try:
+            return float(override) * 2**30
+        except ValueError:
+            raise ValueError(f"{AUTO_BUDGET_ENV}={override!r}; expected a number of GiB such as 8 or 0.5") from None
+    if device.type == "cuda":
+        return AUTO_WEIGHT_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name: no limit known
+        return math.inf
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size(group)))
+    return AUTO_WEIGHT_FRACTION * host / max(sharing, 1)
+
+
+def choose_parallel(weight_bytes: int, device: torch.device, group: ProcessGroup | None) -> str:
+    """``parallel="auto"``: "data" when ``weight_bytes`` (the full weights) fit :func:`weight_budget` on every
+    rank of ``group`` (one all-reduce, so all ranks choose alike), else "tensor"."""
+    fits = weight_bytes <= weight_budget(device, group)
+    if get_world_size(group) > 1:
+        on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        flag = torch.tensor([int(fits)], device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        fits = bool(flag.item())
+    return "data" if fits else "tensor"
+
+
+def tensor_bytes(weights: Weights, prefixes: Sequence[str], dtype: torch.dtype) -> int:
+    """Bytes in ``dtype`` of the checkpoint tensors under ``prefixes``, from their shapes (nothing is read)."""
+    starts = tuple(join(prefix, "") for prefix in prefixes)
+    return dtype.itemsize * sum(math.prod(weights.shape(name)) for name in weights.names() if name.startswith(starts))
+
+
 class PretrainedMixin:
     config_class: type[PretrainedConfig]
     # Which tower the class is ("vision", "text"), or None for both towers.
     tower: str | None = None
     # True for classes with a projection beside the tower (the *WithProjection classes).
     projected: bool = False
+
+    @property
+    def parallel_mode(self) -> str:
+        """What ``parallel=`` (``"auto"`` included) made of this model: "data", "tensor" or "none" (one process,
+        or a 1-rank group), read from its modules."""
+        return parallel_mode(self)
+
+    def extra_repr(self) -> str:
+        return f"parallel_mode={self.parallel_mode!r}"
 
     @classmethod
     def pick_config(cls, config: PretrainedConfig) -> PretrainedConfig:
@@ -164,7 +227,10 @@ class PretrainedMixin:
             process_group = default_group()
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        weights = make_weights(dtype, process_group if parallel == "tensor" else None, torch.device(device))
+        device = torch.device(device)
+        if parallel == "auto":
+            parallel = cls.auto_parallel(make_weights(dtype, None, device), prefix, dtype, device, process_group)
+        weights = make_weights(dtype, process_group if parallel == "tensor" else None, device)
 
         if cls.tower is None:
             if feature_layers is not None or num_layers is not None:
@@ -201,6 +267,21 @@ class PretrainedMixin:
         from vitriton.graphs import enable_cuda_graphs  # here: graphs.py builds on the encoders package
 
         return enable_cuda_graphs(model, cuda_graphs)
+
+    @classmethod
+    def auto_parallel(
+        cls, weights: Weights, prefix: str | None, dtype: torch.dtype, device: torch.device, group: ProcessGroup | None
+    ) -> str:
+        """``parallel="auto"``: data parallelism when this class's towers, whole in ``dtype``, fit every rank's
+        :func:`weight_budget`, else tensor parallelism (projections and logit scales are left out: they are small)."""
+        if get_world_size(group) == 1:
+            return "tensor"  # one rank: nothing to split either way
+        if cls.tower is None:
+            root = parent(find_tower(weights, "vision", None if prefix is None else join(prefix, "vision_model")))
+            towers = [join(root, "vision_model"), join(root, "text_model")]
+        else:
+            towers = [find_tower(weights, cls.tower, prefix)]
+        return choose_parallel(tensor_bytes(weights, towers, dtype), device, group)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> nn.Module:

@@ -1,6 +1,6 @@
 """Process groups, rank-sliced checkpoint loading, and the tensor-parallel layers the encoders are built from."""
 
-from vitriton.parallel.data import DataParallel, SameInputs, check_same_inputs
+from vitriton.parallel.data import DataParallel, SameInputs, check_same_inputs, parallel_mode
 from vitriton.parallel.group import (
     Shard,
     ceil_shard,
@@ -47,4 +47,5 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "join",
+    "parallel_mode",
 ]

@@ -77,7 +77,8 @@ class SameInputs(TowerWrapper):
 class DataParallel(TowerWrapper):
     """Runs the tower on this rank's rows of every input whose first dimension is the batch (the first tensor
     argument's) and all-gathers every output, so each rank returns the whole batch. Every rank holds the full
-    weights and must pass the same full batch."""
+    weights and must pass the same full batch. A batch smaller than the world size runs whole on every rank,
+    with nothing to gather: its latency is one rank's, and no rank launches kernels on zero rows."""
 
     def __init__(self, module: nn.Module, process_group: ProcessGroup | None, *, check_inputs: bool = False):
         super().__init__(module, process_group)
@@ -89,7 +90,7 @@ class DataParallel(TowerWrapper):
         if self.check_inputs:
             check_same_inputs(input_tensors(args, kwargs), group)
         tensors = list(input_tensors(args, kwargs).values())
-        if world == 1 or not tensors:
+        if world == 1 or not tensors or tensors[0].shape[0] < world:
             return self.module(*args, return_dict=return_dict, **kwargs)
         batch = tensors[0].shape[0]
         sizes = [batch // world + (1 if r < batch % world else 0) for r in range(world)]
@@ -105,6 +106,18 @@ class DataParallel(TowerWrapper):
         if return_dict is None:
             return_dict = getattr(self.module.config, "return_dict", True)
         return gathered if return_dict else gathered.to_tuple()
+
+
+def parallel_mode(model: nn.Module) -> str:
+    """How ``model`` runs over its process group, read from its modules: "data" (a :class:`DataParallel` over
+    several ranks), "tensor" (layers sharded over several ranks) or "none" (one rank's whole model)."""
+    for module in model.modules():
+        world = get_world_size(getattr(module, "process_group", None))
+        if world > 1 and isinstance(module, DataParallel):
+            return "data"
+        if world > 1 and not isinstance(module, TowerWrapper):
+            return "tensor"
+    return "none"
 
 
 def gather_rows(value, sizes: list[int], group: ProcessGroup | None):
