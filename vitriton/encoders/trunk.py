@@ -5,8 +5,12 @@ next LayerNorm adds it to the residual in the same pass that normalises (``layer
 separate pass on ``hidden = residual + delta``. The full hidden state is materialised only where it is returned
 (``output_hidden_states``, ``feature_layers``, the last layer).
 
+The vision tower's patch embedding is one GEMM over the image's non-overlapping patches (``PatchEmbeddings``) rather
+than transformers' strided convolution, which cuDNN runs several times slower at these shapes.
+
 Tensor parallelism follows Megatron-LM: heads and MLP columns split across ranks, two all-reduces per layer
-(in ``RowParallelLinear.forward``). Modules read local head counts off their weights, never off the config.
+(in ``RowParallelLinear.forward``). Modules read local head counts off their weights, never off the config. The
+embeddings (patch weight, class token, position tables) are replicated on every rank.
 
 The towers take transformers 5.17's arguments in its positional order, with its config defaults
 (``output_hidden_states``, ``output_attentions``, ``return_dict``), and tolerate the extra keyword arguments its
@@ -365,6 +369,10 @@ class PatchEmbeddings(nn.Module):
     (2.9 ms at ViT-L/14-336 batch 128 bf16), the patch copy and a cuBLAS GEMM in ~0.6 ms. With a class token each
     image's rows start with one zero row, so the GEMM writes the whole (batch, tokens, hidden) block and no
     ``torch.cat`` copies it again; the class token then overwrites that row.
+
+    The position table is added in a pass of its own. Folding it into the next LayerNorm as a residual would save
+    one read of the tokens (two for CLIP's pre-LayerNorm, whose sum is not kept), but needs a residual broadcast
+    over the batch in that kernel, and under autocast the table is not in the tokens' dtype.
     """
 
     def __init__(self, prefix: str, config, weights: Weights, *, class_token: bool, conv_bias: bool):
