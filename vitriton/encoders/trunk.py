@@ -371,8 +371,9 @@ class PatchEmbeddings(nn.Module):
     ``torch.cat`` copies it again; the class token then overwrites that row.
 
     The position table is added in a pass of its own. Folding it into the next LayerNorm as a residual would save
-    one read of the tokens (two for CLIP's pre-LayerNorm, whose sum is not kept), but needs a residual broadcast
-    over the batch in that kernel, and under autocast the table is not in the tokens' dtype.
+    one of the four reads and writes of the tokens that the add and that LayerNorm make (two for CLIP's
+    pre-LayerNorm, whose sum is not kept), but needs a residual broadcast over the batch in that kernel, and under
+    autocast the table is not in the tokens' dtype.
     """
 
     def __init__(self, prefix: str, config, weights: Weights, *, class_token: bool, conv_bias: bool):
