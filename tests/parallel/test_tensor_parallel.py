@@ -107,6 +107,7 @@ def _worker(rank: int, world: int, port: int, root: str, mode: str, kernels: boo
                 "fc1_bias": layer.mlp.fc1.bias.clone(),
                 "fc2": layer.mlp.fc2.weight.clone(),
                 "token_embedding": model.text_model.embeddings.token_embedding.weight.clone(),
+                "patch_weight": model.vision_model.embeddings.patch_weight.clone(),
             }
     if mode == "tensor" and world == 4:
         try:
@@ -194,6 +195,8 @@ def test_parallel_matches_single_process(checkpoints, world, mode, kernels):
         block = -(-99 // world)
         vocab = full["text_model.embeddings.token_embedding.weight"][rank * block : (rank + 1) * block]
         assert torch.equal(params["token_embedding"], vocab)
+        # The patch embedding is replicated: every rank holds the whole conv weight.
+        assert torch.equal(params["patch_weight"], full["vision_model.embeddings.patch_embedding.weight"])
         whole = [n for n in result["whole_reads"] if n.endswith(SHARDED)]
         assert not whole, f"rank {rank} read sharded tensors whole: {whole[:3]}"
     if mode == "tensor" and world == 4:
