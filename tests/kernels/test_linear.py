@@ -283,9 +283,12 @@ def test_linear_gpu_tma(m, k, n, activation, path, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_linear_gpu_3d_public(dtype):
-    x, w, b = make_inputs((4, 577), 1024, 4096, dtype, bias=True, device="cuda")
-    assert_matches_reference(linear(x, w, b, "quick_gelu"), x, w, b, "quick_gelu")
+@pytest.mark.parametrize("activation", [None, "quick_gelu", "gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("lead", [(1, 577), (4, 577)], ids=["small-M", "large-M"])
+def test_linear_gpu_3d_public(lead, activation, dtype):
+    """The public op on each path it picks per case (cuBLAS, cuBLASLt's GELU epilogue, Triton)."""
+    x, w, b = make_inputs(lead, 1024, 4096, dtype, bias=True, device="cuda")
+    assert_matches_reference(linear(x, w, b, activation), x, w, b, activation)
 
 
 @pytest.mark.gpu
