@@ -88,6 +88,23 @@ def test_fp32_parity(family, hidden, image, patch, interpolated):
         assert err <= 1e-4, f"{family} {height}x{width}: relative error {err:.2e}"
 
 
+def test_padded_weight_follows_the_parameter():
+    """Patch 7's K = 147 runs padded to 152: the padded copy is rebuilt when the weight changes in place or is
+    replaced, and weights built under inference_mode (no version counter) work too."""
+    hf, config = build("siglip", 77, 35, 7)
+    px = models.pixels(2, 35, seed=3)
+    with torch.inference_mode():
+        ours = ours_from("siglip", hf, config, torch.float32)
+        assert relative_error(ours(px), hf(px)) <= 1e-4
+    ours = ours_from("siglip", hf, config, torch.float32)
+    with torch.no_grad():
+        assert ours.gemm_weight().shape == (77, 152)
+        for change in (lambda w: w.mul_(-1), lambda w: setattr(w, "data", w.data * 2)):
+            change(ours.patch_weight)
+            hf.patch_embedding.weight.copy_(ours.patch_weight)
+            assert relative_error(ours(px), hf(px)) <= 1e-4
+
+
 @torch.no_grad()
 def test_strided_pixels_and_empty_batch():
     hf, config = build("clip", 45, 40, 8)

@@ -511,14 +511,17 @@ class PatchEmbeddings(nn.Module):
     def gemm_weight(self) -> torch.Tensor:
         """The conv weight as the GEMM's (hidden, K) operand, K padded with zero columns to whole 16 bytes as the
         patch rows are: cuBLAS ran patch 14's K = 588 at 170 TF/s on the H100, against 450 at an aligned K. The
-        padded copy (hidden * K elements) is rebuilt when the parameter changes (its storage or its version)."""
+        padded copy (hidden * K elements) is rebuilt when the parameter changes (its storage or, outside inference
+        mode, its version)."""
         weight = self.patch_weight.flatten(1)
         pad = pad_to_16_bytes(weight.shape[1])
         if pad == 0:
             return weight
         if torch.compiler.is_compiling():
             return F.pad(weight, (0, pad))
-        key = (weight.data_ptr(), self.patch_weight._version, weight.dtype, weight.device)
+        # Inference tensors keep no version counter: for them a new storage is the only change seen.
+        version = 0 if self.patch_weight.is_inference() else self.patch_weight._version
+        key = (weight.data_ptr(), version, weight.dtype, weight.device)
         if self._padded_key != key:
             self._padded, self._padded_key = F.pad(weight, (0, pad)), key
         return self._padded
