@@ -73,7 +73,7 @@ def measure(name: str, batch: int, dtype: torch.dtype, pixel_dtype: torch.dtype)
     size = config.image_size
     px = torch.randn(batch, config.num_channels, size, size, device=DEVICE).to(pixel_dtype)
     rows, _, _ = ours.patches(px, dtype)
-    weight, bias = ours.patch_weight.flatten(1), ours.patch_bias
+    weight, bias = ours.gemm_weight(), ours.patch_bias
     gemm_ms = time_ms(lambda: linear(rows, weight, bias))
     conv_ms, ours_ms = time_ms(lambda: theirs(px)), time_ms(lambda: ours(px))
     return {

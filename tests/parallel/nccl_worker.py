@@ -198,8 +198,11 @@ def make_inputs(sizes: dict, device: torch.device, images: int, texts: int, seed
     return {"pixel_values": pixels.to(device), "input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def outputs(model: torch.nn.Module, tower: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The compared outputs of a full model or tower, vitriton's or transformers' (same call, same fields)."""
+def outputs(
+    model: torch.nn.Module, tower: str, inputs: dict[str, torch.Tensor], hidden_states: bool = True
+) -> dict[str, torch.Tensor]:
+    """The compared outputs of a full model or tower, vitriton's or transformers' (same call, same fields);
+    ``hidden_states=False`` leaves the vision tower's hidden states out (asking for them runs one batch slice)."""
     with torch.inference_mode():
         if tower == "full":
             out = model(**inputs)
@@ -212,12 +215,11 @@ def outputs(model: torch.nn.Module, tower: str, inputs: dict[str, torch.Tensor])
             compared[COSINES] = logits / model.logit_scale.float().exp()
             return compared
         if tower == "vision":
-            out = model(pixel_values=inputs["pixel_values"], output_hidden_states=True)
-            return {
-                "last_hidden_state": out.last_hidden_state.float(),
-                "pooler_output": out.pooler_output.float(),
-                "hidden_states[-2]": out.hidden_states[-2].float(),
-            }
+            out = model(pixel_values=inputs["pixel_values"], output_hidden_states=hidden_states)
+            compared = {"last_hidden_state": out.last_hidden_state.float(), "pooler_output": out.pooler_output.float()}
+            if hidden_states:
+                compared["hidden_states[-2]"] = out.hidden_states[-2].float()
+            return compared
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         keep = inputs["attention_mask"].bool()  # padded query rows are not meaningful outputs
         return {
@@ -257,7 +259,7 @@ def check_bound(ours, single, reference, dtype, launches: dict[str, int] | None)
         summary += f"; TP=1 itself is off by more than {CEILING[dtype]:.0e} in {over}"
     if launches is not None:
         numbers["triton_launches"] = launches
-        idle = [op for op in ("attention", "layer_norm", "qkv_projection", "linear") if launches[op] == 0]
+        idle = [op for op, count in launches.items() if count == 0]
         passed &= not idle
         summary += f"; no Triton launch of {idle}" if idle else ""
     return passed, summary, numbers
@@ -353,9 +355,11 @@ def check_graphs(tower_module: torch.nn.Module, tower: str, inputs: dict[str, to
     return passed, summary, {"results": results, "captured": captured}
 
 
-def check_overlap(tp: torch.nn.Module, tower: str, inputs: dict, tp1_error: float) -> tuple[bool, str, dict]:
+def check_overlap(tp, tower: str, inputs: dict, single_out: dict, reference: dict, dtype) -> tuple[bool, str, dict]:
     """The tensor-parallel forward with its all-reduces overlapped over batch slices (the default from batch 2)
-    against the same model with one slice: equal within TP=1's own rounding error, and the reduces ran async."""
+    and the same model on one slice: both within the low-precision bound of transformers in fp32 (the GEMMs'
+    M differs, so low-precision results may differ by rounding), and the overlapped one started its reduces
+    asynchronously."""
     encoders = [m for m in tp.modules() if isinstance(m, Encoder)]
     started = []
     plain_all_reduce = dist.all_reduce
@@ -364,25 +368,26 @@ def check_overlap(tp: torch.nn.Module, tower: str, inputs: dict, tp1_error: floa
         started.append(async_op)
         return plain_all_reduce(*args, async_op=async_op, **kwargs)
 
-    names = ("pixel_values",) if tower == "vision" else ("input_ids", "attention_mask")
-    with torch.inference_mode():
-        dist.all_reduce = counting
-        try:
-            chunked = tp(**{n: inputs[n] for n in names})
-        finally:
-            dist.all_reduce = plain_all_reduce
-        for encoder in encoders:
-            encoder.chunks = 1
-        whole = tp(**{n: inputs[n] for n in names})
-        for encoder in encoders:
-            encoder.chunks = None
-    fields = ("last_hidden_state", "pooler_output")
-    errors = {f: relative_error(getattr(chunked, f).float(), getattr(whole, f).float()) for f in fields}
+    dist.all_reduce = counting
+    try:
+        chunked = outputs(tp, tower, inputs, hidden_states=False)
+    finally:
+        dist.all_reduce = plain_all_reduce
+    for encoder in encoders:
+        encoder.chunks = 1
+    whole = outputs(tp, tower, inputs, hidden_states=False)
+    for encoder in encoders:
+        encoder.chunks = None
+    compared = {key: reference[key] for key in chunked}
+    passed, summary, numbers = check_bound(chunked, single_out, compared, dtype, None)
+    whole_passed, whole_summary, _ = check_bound(whole, single_out, compared, dtype, None)
     asynchronous = sum(started)
-    worst = max(errors.values())
-    passed = worst <= max(tp1_error, ATOL[torch.float32]) and asynchronous > 0
-    summary = f"{asynchronous}/{len(started)} all-reduces started async; chunked vs one slice {worst:.1e}"
-    return passed, summary + f" (<= TP=1's own error {tp1_error:.1e})", {"errors": errors, "async": asynchronous}
+    field = "pooler_output"
+    numbers.update(
+        reduces=len(started), async_reduces=asynchronous, vs_one_slice=relative_error(chunked[field], whole[field])
+    )
+    summary = f"{asynchronous}/{len(started)} reduces async; overlapped {summary}; one slice {whole_summary}"
+    return passed and whole_passed and asynchronous > 0, summary, numbers
 
 
 def measured(load: Callable[..., torch.nn.Module], *args) -> tuple[torch.nn.Module, int]:
@@ -429,6 +434,8 @@ def run_family(family: str, sizes: dict, root: Path, single_group, device, dtype
         tp_out = outputs(tp, tower, inputs)
         after = triton_calls()
         launches = {op: after[op] - before[op] for op in after}
+        if ON_GPU and family == "siglip":
+            del launches["linear"]  # its only activated linear (gelu_pytorch_tanh) runs cuBLASLt's epilogue on CUDA
         data_out = outputs(data, tower, inputs)
         name = f"{family}/{tower}"
         checks.run(f"tensor/{name}", check_bound, tp_out, single_out, reference, dtype, launches)
@@ -436,8 +443,7 @@ def run_family(family: str, sizes: dict, root: Path, single_group, device, dtype
         checks.run(f"ranks_identical/tensor/{name}", check_identical, tp_out)
         checks.run(f"ranks_identical/data/{name}", check_identical, data_out)
         if tower != "full":
-            tp1_error = max(relative_error(single_out[k], reference[k]) for k in reference)
-            checks.run(f"overlap/{name}", check_overlap, tp, tower, inputs, tp1_error)
+            checks.run(f"overlap/{name}", check_overlap, tp, tower, inputs, single_out, reference, dtype)
         if tower == "full":
             checks.run(f"weights/{family}", check_weights, tp, single, data, memory if ON_GPU else {})
             if ON_GPU:
