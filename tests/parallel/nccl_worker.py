@@ -80,6 +80,7 @@ from vitriton.parallel import (  # noqa: E402
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from vitriton.parallel.layers import SHARD_MULTIPLE, pad_shard  # noqa: E402
 
 FAMILIES = ("clip", "siglip")
 TOWERS = ("full", "vision", "text")
@@ -299,10 +300,15 @@ def check_weights(tp, single, data, memory: dict[str, int]) -> tuple[bool, str, 
         for name, param in module.named_parameters(recurse=False):
             full = getattr(single_module, name)
             expected = expected_slice(module, single_module, name, full, rank, world)
+            unpadded = expected.numel()
+            padded = module_name.endswith("mlp.fc1") or (module_name.endswith("mlp.fc2") and name == "weight")
+            if padded and world > 1:
+                # The MLP's inner dimension is padded per rank with zero rows (fc1) and columns (fc2).
+                expected = pad_shard(expected, 0 if module_name.endswith("fc1") else expected.dim() - 1, SHARD_MULTIPLE)
             if param.shape != expected.shape or not torch.equal(param, expected):
                 wrong.append(f"{module_name}.{name}")
-            if expected.numel() != full.numel() or isinstance(module, VocabParallelEmbedding):
-                local, total = local + param.numel(), total + full.numel()
+            if unpadded != full.numel() or isinstance(module, VocabParallelEmbedding):
+                local, total = local + unpadded, total + full.numel()
     data_wrong = [
         n
         for (n, p), (_, q) in zip(data.named_parameters(), single.named_parameters(), strict=True)

@@ -151,11 +151,13 @@ class MLP(nn.Module):
         check_activation(config.hidden_act)
         self.activation = config.hidden_act
         hidden, inner = config.hidden_size, config.intermediate_size
+        # Each rank's share of the inner dimension is padded to whole 16 bytes (``SHARD_MULTIPLE``): every
+        # supported activation maps 0 to 0, so the padded columns stay zero and meet zero columns of fc2.
         self.fc1 = ColumnParallelLinear.load(
-            join(prefix, "fc1"), weights, in_features=hidden, out_features=inner, what="intermediate_size"
+            join(prefix, "fc1"), weights, in_features=hidden, out_features=inner, what="intermediate_size", pad=True
         )
         self.fc2 = RowParallelLinear.load(
-            join(prefix, "fc2"), weights, in_features=inner, out_features=hidden, what="intermediate_size"
+            join(prefix, "fc2"), weights, in_features=inner, out_features=hidden, what="intermediate_size", pad=True
         )
 
     def forward(self, x: torch.Tensor, pending: list | None = None) -> torch.Tensor:

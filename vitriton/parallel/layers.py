@@ -37,6 +37,22 @@ def autocast_args(
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+# A tensor-parallel shard of the MLP's inner dimension is padded with zeros to a multiple of this many
+# elements (16 bytes of bf16): so400m's 4304 over 4 ranks leaves 1076 columns per rank, rows of 2152 bytes that
+# neither TMA nor cuBLAS's fast kernels take.
+SHARD_MULTIPLE = 8
+
+
+def pad_shard(tensor: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """``tensor`` with zeros appended along ``dim`` up to a multiple of ``multiple`` (unchanged if it is one)."""
+    extra = -tensor.shape[dim] % multiple
+    if extra == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = extra
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, pending: list | None = None) -> torch.Tensor:
     """Sums ``tensor`` over ``group`` in place. With a ``pending`` list the reduce is started, not waited for:
     its work handle is appended, and ``tensor`` holds the sum once the caller has waited on it (``wait_all``)."""
@@ -89,11 +105,18 @@ class ColumnParallelLinear(ReplicatedLinear):
         unit: int = 1,
         what: str = "output features",
         bias: bool = True,
+        pad: bool = False,
     ) -> ColumnParallelLinear:
-        """Reads rows ``shard`` of ``{prefix}.weight`` (out, in); ``unit`` keeps whole heads on a rank."""
+        """Reads rows ``shard`` of ``{prefix}.weight`` (out, in); ``unit`` keeps whole heads on a rank. ``pad``:
+        under tensor parallelism, zero rows (and bias) up to a multiple of ``SHARD_MULTIPLE``, for an output
+        whose padded columns an activation with act(0) = 0 keeps at zero and the next row-parallel linear
+        (loaded with ``pad`` too) multiplies by zero columns."""
         shard = even_shard(out_features, weights.rank, weights.world_size, what=f"{prefix}: {what}", unit=unit)
         weight = weights.get_sharded(join(prefix, "weight"), 0, shard, shape=(out_features, in_features))
         b = weights.get_sharded(join(prefix, "bias"), 0, shard, shape=(out_features,)) if bias else None
+        if pad and weights.world_size > 1:
+            weight = pad_shard(weight, 0, SHARD_MULTIPLE)
+            b = None if b is None else pad_shard(b, 0, SHARD_MULTIPLE)
         return cls(weight, b, weights.process_group)
 
 
@@ -114,9 +137,14 @@ class RowParallelLinear(ReplicatedLinear):
         unit: int = 1,
         what: str = "input features",
         bias: bool = True,
+        pad: bool = False,
     ) -> RowParallelLinear:
+        """Reads columns ``shard`` of ``{prefix}.weight``; ``pad`` appends zero columns as
+        ``ColumnParallelLinear.load`` pads the rows of the linear that feeds this one."""
         shard = even_shard(in_features, weights.rank, weights.world_size, what=f"{prefix}: {what}", unit=unit)
         weight = weights.get_sharded(join(prefix, "weight"), 1, shard, shape=(out_features, in_features))
+        if pad and weights.world_size > 1:
+            weight = pad_shard(weight, 1, SHARD_MULTIPLE)
         b = weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None
         return cls(weight, b, weights.process_group)
 
