@@ -11,7 +11,7 @@ import torch
 
 from tests.helpers import DEVICE, DTYPES, TOLERANCES, assert_lowp_bound, poisoned
 from vitriton.kernels import linear as linear_module
-from vitriton.kernels._matmul import matmul_operands
+from vitriton.kernels._matmul import TMA_MIN_ROWS, matmul_operands
 from vitriton.kernels.linear import ACTIVATIONS, PLANS, linear, linear_reference, linear_triton
 
 # fp32 at the full GPU shapes: K up to 4304 products summed in a different order than cuBLAS; the rounding
@@ -146,8 +146,10 @@ def test_linear_persistent_needs_aligned_rows():
 def test_linear_tma_selection():
     """TMA only where the operands allow it; tma=True says why it cannot run, tma=False always runs plain."""
     x, w, _ = make_inputs((7,), 72, 100, torch.float16, bias=False)
-    expected_auto = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
-    assert matmul_operands(x, w, None)[2] == expected_auto
+    tall, _, _ = make_inputs((TMA_MIN_ROWS,), 72, 100, torch.float16, bias=False)
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert matmul_operands(tall, w, None)[2] == hopper
+    assert matmul_operands(x, w, None)[2] is False  # few rows: plain loads, no per-launch descriptor encode
     assert matmul_operands(x, w, False)[2] is False
     with pytest.raises(ValueError, match="16-byte aligned rows"):
         matmul_operands(x.float(), w.float(), True)

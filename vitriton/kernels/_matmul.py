@@ -36,6 +36,11 @@ try:
 except ImportError:  # triton before 3.4: the plain-load path only
     TensorDescriptor = None
 
+# Fewer rows than this take the plain-load main loop even where TMA could run. triton 3.6 encodes a host
+# descriptor's tensor map in Python on every launch; at batch 1 (M = 197..729) that cost 9-20 us of host time
+# per GEMM call on an H100 host against 0.5-3 us of GPU time saved, and batch-1 calls are host-bound.
+TMA_MIN_ROWS = 2049
+
 # M at or below this runs the small-tile configs: at batch 1 (M = 50..729) 128-row tiles leave most of the
 # 132 SMs of an H100 idle. A power of two, so no autotune bucket of M (see m_bucket) straddles it.
 SMALL_M = 2048
@@ -178,13 +183,16 @@ def tma_device(device: torch.device) -> bool:
 
 def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> tuple[Any, Any, bool]:
     """(x, w, USE_TMA) as the kernels take them: TMA descriptors where :func:`tma_supported` holds on a CUDA
-    device of compute capability 9 or more, else the tensors themselves.
+    device of compute capability 9 or more and x has at least ``TMA_MIN_ROWS`` rows, else the tensors
+    themselves.
 
     ``tma``: None picks as above; True requires the TMA path (also in the interpreter), raising where the
     operands or the device rule it out; False forces the plain-load path.
     """
     if tma is None:
-        use_tma = x.device.type == "cuda" and tma_device(x.device) and tma_supported(x, weight)
+        use_tma = (
+            x.shape[0] >= TMA_MIN_ROWS and x.device.type == "cuda" and tma_device(x.device) and tma_supported(x, weight)
+        )
     elif tma:
         if not tma_supported(x, weight):
             raise ValueError(
