@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/results/<gpu>/: `bash benchmarks/gpu_session.sh kernels|report OUTDIR`.
 # kernels: GPU kernel tests, the GEMM sweep and the per-op benchmarks; report: the encoder report (make bench);
-# launch: GPU kernel tests, host cost per op call, and batch-1 latency against transformers and torch.compile.
+# launch: GPU kernel tests, host cost per op call, and batch-1 latency against transformers and torch.compile;
+# paths: the per-op breakdown of a ViT-L/14-336 forward, the patch embedding, whole-model path A/B, max-autotune.
 set -uo pipefail
-stage=${1:?kernels or report}
+stage=${1:?kernels, report, launch or paths}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -34,5 +35,14 @@ launch)
     tail -3 "$out/gpu_kernel_tests.log"
     tail -12 "$out/bench_launch.log"
     grep -A 12 "b1\|latency" "$out/b1.log" | tail -30
+    ;;
+paths)
+    run profile_ops 200 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
+        --providers vitriton hf-compile
+    run bench_patch 90 python3 -m benchmarks.bench_patch --json "$out/patch_embedding.json"
+    run bench_paths 200 python3 -m benchmarks.bench_paths --batch-sizes 1 128
+    run max_autotune 560 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 \
+        --batch-sizes 128 --providers vitriton hf-compile-max --out "$out/max_autotune"
+    tail -40 "$out/profile_ops.log"
     ;;
 esac
