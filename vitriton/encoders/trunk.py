@@ -270,9 +270,11 @@ class Encoder(nn.Module):
 
     def overlap_chunks(self, batch: int) -> int:
         """How many batch chunks a tensor-parallel forward interleaves (1: none). ``chunks`` set on the encoder
-        overrides; by default 2 under tensor parallelism from batch 2 up, else 1."""
+        overrides; by default 2 under tensor parallelism from batch 2 up, else 1 (and 1 under torch.compile)."""
         if self.chunks is not None:
             return max(1, min(self.chunks, batch))
+        if torch.compiler.is_compiling():
+            return 1  # dynamo traces collectives as functional ones, without async work handles to wait on
         group = self.layers[0].mlp.fc2.process_group if len(self.layers) else None
         return 2 if batch >= 2 and get_world_size(group) > 1 else 1
 
