@@ -27,6 +27,7 @@ from tests.parallel.test_tensor_parallel import run_model
 from vitriton.encoders.clip import CLIPTextTransformer, CLIPVisionTransformer
 from vitriton.encoders.siglip import SiglipTextTransformer, SiglipVisionTransformer
 from vitriton.graphs import cuda_graph_runners
+from vitriton.parallel.layers import SHARD_MULTIPLE, pad_shard
 
 
 def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -274,8 +275,8 @@ def test_patch_under_two_ranks(tmp_path, parallel):
             close(value, reference[key])
         full, fc1 = result["full_fc1"], result["fc1"]
         if parallel == "tensor":
-            rows = full.shape[0] // 2
-            assert torch.equal(fc1, full[rank * rows : (rank + 1) * rows])
+            rows = full.shape[0] // 2  # the rank's block, padded with zero rows to whole 16 bytes
+            assert torch.equal(fc1, pad_shard(full[rank * rows : (rank + 1) * rows], 0, SHARD_MULTIPLE))
             assert result["fc1_storage"] == fc1.numel() * fc1.element_size()
             assert result["wrapper"] == "CLIPVisionTransformer"
         else:

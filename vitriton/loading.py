@@ -128,6 +128,7 @@ def from_transformers(model: nn.Module, *, tower: str | None = None, **kwargs) -
     """The vitriton model matching an in-memory transformers CLIP/SigLIP model (its class, else its config's
     model_type), built from its config and ``state_dict()``; keyword arguments as :func:`from_pretrained`.
     Weights in the requested dtype and device are shared with ``model``, not copied, except the packed q/k/v
-    weights (and, under tensor parallelism, the row-parallel column slices)."""
+    weights, a patch-embedding weight whose row (channels * patch * patch) is not whole 16 bytes (it is kept
+    padded), and, under tensor parallelism, the row-parallel column slices and MLP shards padded to 16 bytes."""
     cls = pick_class(model.config.model_type, [type(model).__name__], tower)
     return cls.from_transformers(model, **kwargs)

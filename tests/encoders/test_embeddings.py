@@ -89,17 +89,28 @@ def test_fp32_parity(family, hidden, image, patch, interpolated):
 
 
 def test_padded_weight_follows_the_parameter():
-    """Patch 7's K = 147 runs padded to 152: the padded copy is rebuilt when the weight changes in place or is
-    replaced, and weights built under inference_mode (no version counter) work too."""
+    """Patch 7's K = 147 runs padded to 152, and the weight is a view of the padded GEMM operand: in-place changes
+    (through the parameter or its .data) reach the GEMM, a replaced tensor is re-padded, and weights built and
+    changed under inference_mode work too."""
     hf, config = build("siglip", 77, 35, 7)
     px = models.pixels(2, 35, seed=3)
     with torch.inference_mode():
         ours = ours_from("siglip", hf, config, torch.float32)
         assert relative_error(ours(px), hf(px)) <= 1e-4
+        ours.patch_weight.mul_(2)
+        with torch.no_grad():
+            hf.patch_embedding.weight.mul_(2)
+        assert relative_error(ours(px), hf(px)) <= 1e-4
     ours = ours_from("siglip", hf, config, torch.float32)
     with torch.no_grad():
         assert ours.gemm_weight().shape == (77, 152)
-        for change in (lambda w: w.mul_(-1), lambda w: setattr(w, "data", w.data * 2)):
+        changes = (
+            lambda w: w.mul_(-1),
+            lambda w: w.data.copy_(w.data * 3),  # bumps no version counter of the parameter
+            lambda w: setattr(w, "data", w.data * 2),
+            lambda w: w.data.copy_(w.data * -1),  # again, after the storage was replaced
+        )
+        for change in changes:
             change(ours.patch_weight)
             hf.patch_embedding.weight.copy_(ours.patch_weight)
             assert relative_error(ours(px), hf(px)) <= 1e-4

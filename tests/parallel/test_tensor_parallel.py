@@ -21,6 +21,7 @@ from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 import vitriton
 from tests.encoders import models
 from vitriton.parallel import Weights
+from vitriton.parallel.layers import SHARD_MULTIPLE, pad_shard
 
 pytestmark = pytest.mark.slow
 
@@ -188,10 +189,14 @@ def test_parallel_matches_single_process(checkpoints, world, mode, kernels):
         assert torch.equal(
             params["out_proj"], full[f"{prefix}.self_attn.out_proj.weight"][:, rank * rows : (rank + 1) * rows]
         )
+        # The MLP's inner dimension: this rank's block, padded with zeros to whole 16 bytes (200 / 2 -> 104).
         cols = 200 // world
-        assert torch.equal(params["fc1"], full[f"{prefix}.mlp.fc1.weight"][rank * cols : (rank + 1) * cols])
-        assert torch.equal(params["fc1_bias"], full[f"{prefix}.mlp.fc1.bias"][rank * cols : (rank + 1) * cols])
-        assert torch.equal(params["fc2"], full[f"{prefix}.mlp.fc2.weight"][:, rank * cols : (rank + 1) * cols])
+        inner = slice(rank * cols, (rank + 1) * cols)
+        fc1, fc1_bias = full[f"{prefix}.mlp.fc1.weight"][inner], full[f"{prefix}.mlp.fc1.bias"][inner]
+        assert torch.equal(params["fc1"], pad_shard(fc1, 0, SHARD_MULTIPLE))
+        assert torch.equal(params["fc1_bias"], pad_shard(fc1_bias, 0, SHARD_MULTIPLE))
+        assert torch.equal(params["fc2"], pad_shard(full[f"{prefix}.mlp.fc2.weight"][:, inner], 1, SHARD_MULTIPLE))
+        assert params["fc1"].shape[0] % SHARD_MULTIPLE == 0
         block = -(-99 // world)
         vocab = full["text_model.embeddings.token_embedding.weight"][rank * block : (rank + 1) * block]
         assert torch.equal(params["token_embedding"], vocab)

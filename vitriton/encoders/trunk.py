@@ -271,10 +271,10 @@ class Encoder(nn.Module):
     def overlap_chunks(self, batch: int) -> int:
         """How many batch chunks a tensor-parallel forward interleaves (1: none). ``chunks`` set on the encoder
         overrides; by default 2 under tensor parallelism from batch 2 up, else 1 (and 1 under torch.compile)."""
-        if self.chunks is not None:
-            return max(1, min(self.chunks, batch))
         if torch.compiler.is_compiling():
             return 1  # dynamo traces collectives as functional ones, without async work handles to wait on
+        if self.chunks is not None:
+            return max(1, min(self.chunks, batch))
         group = self.layers[0].mlp.fc2.process_group if len(self.layers) else None
         return 2 if batch >= 2 and get_world_size(group) > 1 else 1
 
@@ -450,7 +450,9 @@ class PatchEmbeddings(nn.Module):
         self.patch_bias = (
             frozen(weights.get_tensor(join(prefix, "patch_embedding.bias"), shape=(hidden,))) if conv_bias else None
         )
-        self._padded, self._padded_key = None, None  # see gemm_weight
+        self._padded: torch.Tensor | None = None
+        if not self.patch_weight.is_meta:
+            self.gemm_weight()  # the parameter becomes a view of its padded GEMM operand now, not at a first call
         positions = (config.image_size // patch) ** 2 + (1 if class_token else 0)
         self.position_embedding = frozen(
             weights.get_tensor(join(prefix, "position_embedding.weight"), shape=(positions, hidden))
@@ -515,21 +517,27 @@ class PatchEmbeddings(nn.Module):
 
     def gemm_weight(self) -> torch.Tensor:
         """The conv weight as the GEMM's (hidden, K) operand, K padded with zero columns to whole 16 bytes as the
-        patch rows are: cuBLAS ran patch 14's K = 588 at 170 TF/s on the H100, against 450 at an aligned K. The
-        padded copy (hidden * K elements) is rebuilt when the parameter changes (its storage or, outside inference
-        mode, its version)."""
-        weight = self.patch_weight.flatten(1)
-        pad = pad_to_16_bytes(weight.shape[1])
+        patch rows are: cuBLAS ran patch 14's K = 588 at 170 TF/s on the H100, against 493 at K = 592.
+
+        The padded matrix is the parameter's storage: ``patch_weight`` is a view of its first K columns, so every
+        in-place change of the weight (``copy_``, ``.data`` writes, ``load_state_dict``, under inference mode
+        too) reaches the GEMM, and a CUDA graph that captured the padded matrix replays the current weight. When
+        the parameter is given a new tensor (``.to()``, ``.half()``, ``param.data = t``), the padded storage is
+        rebuilt from it on the next call."""
+        weight = self.patch_weight
+        hidden, width = weight.shape[0], weight[0].numel()
+        pad = pad_to_16_bytes(width)
         if pad == 0:
-            return weight
+            return weight.reshape(hidden, width)
         if torch.compiler.is_compiling():
-            return F.pad(weight, (0, pad))
-        # Inference tensors keep no version counter: for them a new storage is the only change seen.
-        version = 0 if self.patch_weight.is_inference() else self.patch_weight._version
-        key = (weight.data_ptr(), version, weight.dtype, weight.device)
-        if self._padded_key != key:
-            self._padded, self._padded_key = F.pad(weight, (0, pad)), key
-        return self._padded
+            return F.pad(weight.reshape(hidden, width), (0, pad))
+        padded = self._padded
+        if padded is None or padded.data_ptr() != weight.data_ptr() or padded.dtype != weight.dtype:
+            with torch.inference_mode(False), torch.no_grad():
+                padded = F.pad(weight.detach().reshape(hidden, width), (0, pad))
+                weight.data = padded[:, :width].view(weight.shape)
+            self._padded = padded
+        return padded
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         self.check(pixel_values, interpolate_pos_encoding)

@@ -157,9 +157,12 @@ def rows_view(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor | None:
 
 
 def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """An ``out=`` buffer an op writes into: contiguous, of the op's output shape and dtype."""
+    """An ``out=`` buffer an op writes into: contiguous, of the op's output shape and dtype, 16-byte aligned (the
+    kernels are compiled for aligned outputs, and plans do not key on the output's address)."""
     if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected a contiguous {dtype} {shape}")
+    if out.data_ptr() % 16:
+        raise ValueError(f"out starts {out.data_ptr() % 16} bytes past a 16-byte boundary; expected an aligned buffer")
 
 
 class PlanCache:

@@ -325,7 +325,7 @@ def linear(
             return F.linear(x, weight, bias)
         if activation == "gelu_pytorch_tanh" and bias is not None:
             rows = x.reshape(-1, x.shape[-1])
-            return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).view(*x.shape[:-1], -1)
+            return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).view(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias, activation)
     return linear_triton(x, weight, bias, activation)
