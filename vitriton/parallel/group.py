@@ -18,11 +18,11 @@ def init_distributed(backend: str | None = None) -> ProcessGroup | None:
     NCCL when CUDA is available, gloo otherwise; on CUDA each process takes the device LOCAL_RANK. Returns
     the default group, or ``None`` when the process was not started by torchrun (single process).
 
-    A group created here is destroyed at interpreter exit, after a barrier, unless the script destroyed it first;
+    A group created here is destroyed at interpreter exit, after two barriers, unless the script destroyed it first;
     a group the caller initialised is left alone. Without that, a rank of a script that keeps the model in a
     global can abort at exit ("terminate called without an active exception"): a gloo worker thread drops its
     last collective's tensors only after the interpreter has started finalising, cannot take the GIL to free
-    them, and terminates the process. The barrier holds each rank until every rank has reached exit, which in
+    them, and terminates the process. The barriers hold each rank until every rank has reached exit, which in
     practice leaves the worker threads time to finish with earlier collectives (a timing fix, not a guarantee).
     """
     if dist.is_initialized():
