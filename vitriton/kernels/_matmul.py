@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting
+from vitriton.kernels._launch import check_out
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -230,6 +231,27 @@ def descriptor_over(tensor: torch.Tensor, template: Any) -> Any:
     descriptor.__dict__.update(template.__dict__)
     descriptor.base = tensor
     return descriptor
+
+
+def launch_gemm_plan(entry: tuple, x: torch.Tensor, weight: torch.Tensor, bias, out) -> torch.Tensor:
+    """A GEMM op's steady-state call: ``entry`` is ``(plan, x_template, w_template, out_template, shape,
+    static)`` as ``linear`` and ``qkv_projection`` record it (templates None on the plain-load path). Allocates
+    or checks ``out``, puts the call's tensors into the plan's TMA descriptors and launches.
+
+    The kernels take x's base pointer and the plan's row stride, so x goes in as it is (no (M, K) view).
+    """
+    plan, x_template, w_template, out_template, shape, static = entry
+    if out is None:
+        out = x.new_empty(shape)
+    else:
+        check_out(out, shape, x.dtype)
+    device_index = x.device.index
+    if x_template is not None:
+        x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
+    plan.launch(
+        device_index, x, weight, bias, out if out_template is None else descriptor_over(out, out_template), *static
+    )
+    return out
 
 
 def plan_operand(operand: Any) -> Any:

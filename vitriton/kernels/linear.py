@@ -26,10 +26,10 @@ from vitriton.kernels._matmul import (
     SMALL_M,
     accumulate_tile_tma,
     check_operands,
-    descriptor_over,
     dot_is_ieee,
     even_k,
     gemm_tile,
+    launch_gemm_plan,
     m_bucket,
     matmul_configs,
     matmul_grid,
@@ -216,19 +216,7 @@ def linear_triton(
     entry = PLANS.get(key)
     if entry is None:
         return _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config)
-    # The kernel takes x's base pointer and the plan's row stride, so x goes in as it is (no (M, K) view).
-    plan, x_template, w_template, out_template, shape, static = entry
-    if out is None:
-        out = x.new_empty(shape)
-    else:
-        check_out(out, shape, x.dtype)
-    device_index = x.device.index
-    if x_template is not None:
-        x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
-    plan.launch(
-        device_index, x, weight, bias, out if out_template is None else descriptor_over(out, out_template), *static
-    )
-    return out
+    return launch_gemm_plan(entry, x, weight, bias, out)
 
 
 def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config) -> torch.Tensor:

@@ -32,10 +32,10 @@ from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_vi
 from vitriton.kernels._matmul import (
     SMALL_M,
     check_operands,
-    descriptor_over,
     dot_is_ieee,
     even_k,
     gemm_tile,
+    launch_gemm_plan,
     m_bucket,
     matmul_configs,
     matmul_grid,
@@ -174,17 +174,7 @@ def qkv_projection_triton(
     entry = PLANS.get(key)
     if entry is None:
         return _plan_qkv(key, x, weight, bias, num_heads, out, tma, config)
-    # As in linear_triton: x goes in as it is, read through its base pointer and the plan's row stride.
-    plan, x_template, w_template, shape, static = entry
-    if out is None:
-        out = x.new_empty(shape)
-    else:
-        check_out(out, shape, x.dtype)
-    device_index = x.device.index
-    if x_template is not None:
-        x, weight = descriptor_over(x, x_template), descriptor_over(weight, w_template)
-    plan.launch(device_index, x, weight, bias, out, *static)
-    return out
+    return launch_gemm_plan(entry, x, weight, bias, out)
 
 
 def _plan_qkv(key, x, weight, bias, num_heads, out, tma, config) -> torch.Tensor:
@@ -225,7 +215,7 @@ def _plan_qkv(key, x, weight, bias, num_heads, out, tma, config) -> torch.Tensor
         ),
         config,
     )
-    PLANS.add(key, (plan, plan_operand(x_operand), plan_operand(w_operand), shape, static))
+    PLANS.add(key, (plan, plan_operand(x_operand), plan_operand(w_operand), None, shape, static))
     return out
 
 
