@@ -24,6 +24,7 @@ reference instead.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -525,7 +526,8 @@ class PatchEmbeddings(nn.Module):
         the parameter is given a new tensor (``.to()``, ``.half()``, ``param.data = t``), the padded storage is
         rebuilt from it on the next call."""
         weight = self.patch_weight
-        hidden, width = weight.shape[0], weight[0].numel()
+        # Shapes only: a view of a parameter re-pointed under inference_mode raises (no version counter).
+        hidden, width = weight.shape[0], math.prod(weight.shape[1:])
         pad = pad_to_16_bytes(width)
         if pad == 0:
             return weight.reshape(hidden, width)
