@@ -7,6 +7,7 @@ The kernels pick a path per call from thresholds measured kernel by kernel (``be
 (the packed q/k/v views make the attention read strided rows):
   qkv      triton: the head-split Triton projection at every M; packed: cuBLAS into the packed layout at every M
   linear   persistent: the persistent TMA kernel above SMALL_M rows (the default); tiled: one program per tile
+  tma      default: TMA descriptors from TMA_MIN_ROWS rows (plain loads below: cheaper to launch); all: at every M
 Each cell is the median ms of plain calls (CUDA events); ratios are against triton-qkv/tiled.
 """
 
@@ -17,19 +18,29 @@ import argparse
 import torch
 
 import vitriton
+import vitriton.kernels._matmul as matmul_module
 import vitriton.kernels.linear as linear_module
 import vitriton.kernels.qkv as qkv_module
 from benchmarks.common import median_ms
 from benchmarks.models import PRESETS, build_master, cast_inputs, make_inputs
 
 NEVER = 1 << 62
-# variant -> (qkv.PACKED_MIN_ROWS, the rows above which linear goes persistent)
+DEFAULTS = qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M, matmul_module.TMA_MIN_ROWS
+# variant -> (qkv.PACKED_MIN_ROWS, the rows above which linear goes persistent, _matmul.TMA_MIN_ROWS)
 VARIANTS = {
-    "triton-qkv/persistent": (NEVER, linear_module.SMALL_M),
-    "packed-qkv/persistent": (1, linear_module.SMALL_M),
-    "packed-qkv/tiled": (1, NEVER),
-    "triton-qkv/tiled": (NEVER, NEVER),
+    "triton-qkv/persistent": (NEVER, linear_module.SMALL_M, DEFAULTS[2]),
+    "packed-qkv/persistent": (1, linear_module.SMALL_M, DEFAULTS[2]),
+    "packed-qkv/tiled": (1, NEVER, DEFAULTS[2]),
+    "triton-qkv/tiled": (NEVER, NEVER, DEFAULTS[2]),
+    "default/tma-all": (DEFAULTS[0], DEFAULTS[1], 1),
+    "default": DEFAULTS,
 }
+
+
+def use(variant: tuple[int, int, int]) -> None:
+    qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M, matmul_module.TMA_MIN_ROWS = variant
+    linear_module.PLANS.clear()  # a plan records its kernel and descriptors: re-plan under this variant's rule
+    qkv_module.PLANS.clear()
 
 
 def main() -> None:
@@ -39,7 +50,6 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_paths times GPU paths; it needs a CUDA device")
-    defaults = qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M
     print(f"{'model':<22} {'b':>4} " + " ".join(f"{v:>22}" for v in VARIANTS))
     try:
         for name in args.models:
@@ -48,9 +58,8 @@ def main() -> None:
             for batch in args.batch_sizes:
                 x = cast_inputs(make_inputs(spec, batch), torch.bfloat16, "cuda")
                 ms = {}
-                for variant, (packed_rows, persistent_rows) in VARIANTS.items():
-                    qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M = packed_rows, persistent_rows
-                    linear_module.PLANS.clear()  # a plan records its kernel: re-plan under this variant's rule
+                for variant, values in VARIANTS.items():
+                    use(values)
                     with torch.inference_mode():
                         ms[variant] = median_ms(
                             lambda model=model, x=x: model(x), warmup=3, reps=10 if batch >= 32 else 30
@@ -61,8 +70,7 @@ def main() -> None:
             del model
             torch.cuda.empty_cache()
     finally:
-        qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M = defaults
-        linear_module.PLANS.clear()
+        use(DEFAULTS)
 
 
 if __name__ == "__main__":
