@@ -1,4 +1,5 @@
-"""Tensor parallelism with and without its all-reduces overlapped over batch slices (``Encoder.chunks``).
+"""Tensor parallelism with and without its all-reduces overlapped over batch slices (``Encoder.chunks``), with the
+encoder layers' reduces through NCCL or through symmetric memory (``vitriton.parallel.symmetric``).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
     python3 -m torch.distributed.run --standalone --nproc-per-node 4 -m benchmarks.bench_overlap \\
@@ -6,8 +7,9 @@
 
 For TP2 (ranks 0 and 1; the others wait at a barrier) and TP over every rank: batch 8 under CUDA graphs and
 batch 128 plain, with ``chunks=1`` (each all-reduce waited for where it is issued) and ``chunks=2`` (the
-default from batch 2: one slice's reduces run on NCCL's stream while the other slice's GEMMs run). Rank 0
-prints the median ms of each (CUDA events).
+default from batch 2: one slice's reduces run on a communication stream while the other slice's GEMMs run), each
+with every reduce on NCCL ("nccl") and with the small ones through symmetric memory ("symm", the default; messages
+over ``symmetric.CAPACITY`` go to NCCL either way). Rank 0 prints the median ms of each (CUDA events).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import vitriton
 from benchmarks.common import median_ms
 from benchmarks.models import PRESETS, build_master, cast_inputs, make_inputs
 from vitriton.encoders.trunk import Encoder
+from vitriton.parallel import symmetric
 
 
-def time_chunks(model: torch.nn.Module, spec, chunks: int) -> dict[str, float]:
+def time_chunks(model: torch.nn.Module, spec, chunks: int, path: str) -> dict[str, float]:
     for encoder in (m for m in model.modules() if isinstance(m, Encoder)):
         encoder.chunks = chunks
     x8 = cast_inputs(make_inputs(spec, 8), torch.bfloat16, "cuda")
@@ -34,7 +37,7 @@ def time_chunks(model: torch.nn.Module, spec, chunks: int) -> dict[str, float]:
         runner.reset()  # frees the captured graphs before the batch-128 calls
         x128 = cast_inputs(make_inputs(spec, 128), torch.bfloat16, "cuda")
         plain = median_ms(lambda: model(x128), warmup=2, reps=8)
-    return {f"b8 graphs c{chunks}": graphs, f"b128 plain c{chunks}": plain}
+    return {f"b8 graphs c{chunks} {path}": graphs, f"b128 plain c{chunks} {path}": plain}
 
 
 def main() -> None:
@@ -53,7 +56,12 @@ def main() -> None:
                 model = vitriton.from_transformers(
                     master, dtype=torch.bfloat16, device="cuda", process_group=group, parallel="tensor"
                 )
-                ms = {**time_chunks(model, spec, 1), **time_chunks(model, spec, 2)}
+                ms = {}
+                for path in ("nccl", "symm"):
+                    symmetric.ENABLED = path == "symm"
+                    for chunks in (1, 2):
+                        ms.update(time_chunks(model, spec, chunks, path))
+                symmetric.ENABLED = True
                 if rank == 0:
                     print(name, label, " ".join(f"{k}={v:.3f}ms" for k, v in ms.items()), flush=True)
                 del model

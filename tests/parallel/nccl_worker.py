@@ -28,6 +28,7 @@ TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set below unle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -79,6 +80,7 @@ from vitriton.parallel import (  # noqa: E402
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    symmetric,  # noqa: E402
 )
 from vitriton.parallel.layers import SHARD_MULTIPLE, pad_shard  # noqa: E402
 
@@ -361,24 +363,38 @@ def check_graphs(tower_module: torch.nn.Module, tower: str, inputs: dict[str, to
     return passed, summary, {"results": results, "captured": captured}
 
 
+@contextlib.contextmanager
+def counted_reduces():
+    """Yields a list that gets one bool per all-reduce issued inside (True: started asynchronously), whether NCCL
+    or the symmetric-memory path (``vitriton.parallel.symmetric``) ran it."""
+    started = []
+    plain_all_reduce, plain_symmetric = dist.all_reduce, symmetric.SymmetricBuffers.reduce
+
+    def counting(*args, async_op=False, **kwargs):
+        started.append(async_op)
+        return plain_all_reduce(*args, async_op=async_op, **kwargs)
+
+    def counting_symmetric(self, tensor, pending):
+        started.append(pending is not None)
+        symmetric_calls.append(tensor.numel())
+        return plain_symmetric(self, tensor, pending)
+
+    symmetric_calls = []
+    dist.all_reduce, symmetric.SymmetricBuffers.reduce = counting, counting_symmetric
+    try:
+        yield started, symmetric_calls
+    finally:
+        dist.all_reduce, symmetric.SymmetricBuffers.reduce = plain_all_reduce, plain_symmetric
+
+
 def check_overlap(tp, tower: str, inputs: dict, single_out: dict, reference: dict, dtype) -> tuple[bool, str, dict]:
     """The tensor-parallel forward with its all-reduces overlapped over batch slices (the default from batch 2)
     and the same model on one slice: both within the low-precision bound of transformers in fp32 (the GEMMs'
     M differs, so low-precision results may differ by rounding), and the overlapped one started its reduces
     asynchronously."""
     encoders = [m for m in tp.modules() if isinstance(m, Encoder)]
-    started = []
-    plain_all_reduce = dist.all_reduce
-
-    def counting(*args, async_op=False, **kwargs):
-        started.append(async_op)
-        return plain_all_reduce(*args, async_op=async_op, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counted_reduces() as (started, _):
         chunked = outputs(tp, tower, inputs, hidden_states=False)
-    finally:
-        dist.all_reduce = plain_all_reduce
     for encoder in encoders:
         encoder.chunks = 1
     whole = outputs(tp, tower, inputs, hidden_states=False)
@@ -394,6 +410,49 @@ def check_overlap(tp, tower: str, inputs: dict, single_out: dict, reference: dic
     )
     summary = f"{asynchronous}/{len(started)} reduces async; overlapped {summary}; one slice {whole_summary}"
     return passed and whole_passed and asynchronous > 0, summary, numbers
+
+
+def check_symmetric(tp, tower: str, inputs: dict, single_out: dict, reference: dict, dtype) -> tuple[bool, str, dict]:
+    """The encoder layers' reduces through symmetric memory (the default for small messages on GPUs) and all
+    through NCCL (``VITRITON_ALLREDUCE=nccl``): both within the bound, and the first really used symmetric memory,
+    plain and overlapped (2 slices), with a forward hook on one MLP (which must keep its output: NCCL there).
+    ``symmetric.ENABLED`` is what ``VITRITON_ALLREDUCE=nccl`` sets at import."""
+    results, passed = {}, True
+    mlp = next(m for m in tp.modules() if isinstance(m, Encoder)).layers[0].mlp
+    kept = []
+    for label, chunks, enabled, hook in (
+        ("symmetric", 1, True, False),
+        ("symmetric-overlapped", 2, True, False),
+        ("hooked-mlp", 1, True, True),
+        ("nccl", 1, False, False),
+    ):
+        for encoder in (m for m in tp.modules() if isinstance(m, Encoder)):
+            encoder.chunks = chunks
+        symmetric.ENABLED = enabled
+        handle = mlp.register_forward_hook(lambda _m, _a, out: kept.append(out)) if hook else None
+        try:
+            with counted_reduces() as (started, symmetric_calls):
+                out = outputs(tp, tower, inputs, hidden_states=False)
+        finally:
+            symmetric.ENABLED = True
+            if handle is not None:
+                handle.remove()
+        compared = {key: reference[key] for key in out}
+        ok, summary, _ = check_bound(out, single_out, compared, dtype, None)
+        ok &= (len(symmetric_calls) > 0) == enabled
+        results[label] = dict(ok=ok, summary=summary, reduces=len(started), symmetric=len(symmetric_calls))
+        passed &= ok
+    for encoder in (m for m in tp.modules() if isinstance(m, Encoder)):
+        encoder.chunks = None
+    # The hooked MLP's output is its own tensor, not a communication buffer that later layers overwrite.
+    hooked = kept[0]
+    passed &= all(hooked.untyped_storage().data_ptr() != b.data_ptr() for b in symmetric_buffers())
+    summary = "; ".join(f"{k}: {v['symmetric']}/{v['reduces']} symmetric, {v['summary']}" for k, v in results.items())
+    return passed, summary, {"results": results}
+
+
+def symmetric_buffers() -> list[torch.Tensor]:
+    return [b for bufs in symmetric._BUFFERS.values() if bufs is not None for b in bufs.buffers]
 
 
 def measured(load: Callable[..., torch.nn.Module], *args) -> tuple[torch.nn.Module, int]:
@@ -450,6 +509,8 @@ def run_family(family: str, sizes: dict, root: Path, single_group, device, dtype
         checks.run(f"ranks_identical/data/{name}", check_identical, data_out)
         if tower != "full":
             checks.run(f"overlap/{name}", check_overlap, tp, tower, inputs, single_out, reference, dtype)
+            if ON_GPU:
+                checks.run(f"symmetric/{name}", check_symmetric, tp, tower, inputs, single_out, reference, dtype)
         if tower == "full":
             checks.run(f"weights/{family}", check_weights, tp, single, data, memory if ON_GPU else {})
             if ON_GPU:

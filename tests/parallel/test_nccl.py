@@ -1,6 +1,7 @@
 """The parallel layer over NCCL on 2 and 4 GPUs: torchrun starts tests/parallel/nccl_worker.py, one process per GPU,
 and every check of every rank must pass (TP=N against TP=1 and transformers fp32 for the full models and both
-towers of CLIP and SigLIP, ranks bitwise identical, each rank's weights its slice only, data mode, CUDA graphs).
+towers of CLIP and SigLIP, ranks bitwise identical, each rank's weights its slice only, data mode, CUDA graphs,
+the overlapped forward, and the symmetric-memory all-reduce against NCCL).
 
 NVLink multicast stays off in these runs: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1.
@@ -30,6 +31,7 @@ def expected_checks() -> set[str]:
     checks = set()
     for family in ("clip", "siglip"):
         checks |= {f"weights/{family}", f"cuda_graphs/{family}/vision", f"cuda_graphs/{family}/text"}
+        checks |= {f"{check}/{family}/{tower}" for check in ("overlap", "symmetric") for tower in ("vision", "text")}
         for tower in ("full", "vision", "text"):
             for mode in ("tensor", "data"):
                 checks |= {f"{mode}/{family}/{tower}", f"ranks_identical/{mode}/{family}/{tower}"}

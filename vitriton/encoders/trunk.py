@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.kernels._dispatch import eager_mode, interpreting
@@ -131,17 +132,19 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         pending: list | None = None,
+        transient: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(out, weights)``; weights (all heads, gathered) only with ``output_attentions``.
-        ``pending``: the out projection's all-reduce is started, not waited for (``all_reduce``)."""
+        ``pending``: the out projection's all-reduce is started, not waited for (``all_reduce``); ``transient``:
+        see ``RowParallelLinear.forward``."""
         q, k, v = self.qkv(x)
         if output_attentions:
             out, weights = attention_with_weights(
                 q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask
             )
-            return self.out_proj(out, pending), gather_heads(weights, self.out_proj.process_group)
+            return self.out_proj(out, pending, transient), gather_heads(weights, self.out_proj.process_group)
         out = attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
-        return self.out_proj(out, pending), None
+        return self.out_proj(out, pending, transient), None
 
 
 class MLP(nn.Module):
@@ -161,8 +164,8 @@ class MLP(nn.Module):
             join(prefix, "fc2"), weights, in_features=inner, out_features=hidden, what="intermediate_size", pad=True
         )
 
-    def forward(self, x: torch.Tensor, pending: list | None = None) -> torch.Tensor:
-        return self.fc2(self.fc1(x, self.activation), pending)
+    def forward(self, x: torch.Tensor, pending: list | None = None, transient: bool = False) -> torch.Tensor:
+        return self.fc2(self.fc1(x, self.activation), pending, transient)
 
 
 class EncoderLayer(nn.Module):
@@ -190,24 +193,37 @@ class EncoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         normed, residual = self.layer_norm1(delta, residual)
         delta, weights = self.self_attn(
-            normed, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
+            normed,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            output_attentions=output_attentions,
+            transient=self.transient(),
         )
         delta, residual = self.mlp_block(delta, residual)
         return delta, residual, weights
+
+    def transient(self) -> bool:
+        """Whether the row-parallel linears may return their all-reduced output in a reused communication
+        buffer (``RowParallelLinear.forward``): the next LayerNorm consumes it at once, unless a forward hook
+        on the attention, the MLP or their out-projections keeps it."""
+        if _global_forward_hooks:
+            return False
+        modules = (self.self_attn, self.self_attn.out_proj, self.mlp, self.mlp.fc2)
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
     def attention_block(
         self, delta: torch.Tensor, residual: torch.Tensor | None, pending: list, **masks
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LN1 -> attention, its all-reduce left in ``pending``: the first half of ``forward``."""
         normed, residual = self.layer_norm1(delta, residual)
-        return self.self_attn(normed, pending=pending, **masks)[0], residual
+        return self.self_attn(normed, pending=pending, transient=self.transient(), **masks)[0], residual
 
     def mlp_block(
         self, delta: torch.Tensor, residual: torch.Tensor, pending: list | None = None, **_
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LN2 -> MLP (its all-reduce left in ``pending`` when given): the second half of ``forward``."""
         normed, residual = self.layer_norm2(delta, residual)
-        return self.mlp(normed, pending), residual
+        return self.mlp(normed, pending, self.transient()), residual
 
 
 class EncoderOutput:
