@@ -8,8 +8,9 @@ encoder layers' reduces through NCCL or through symmetric memory (``vitriton.par
 For TP2 (ranks 0 and 1; the others wait at a barrier) and TP over every rank: batch 8 under CUDA graphs and
 batch 128 plain, with ``chunks=1`` (each all-reduce waited for where it is issued) and ``chunks=2`` (the
 default from batch 2: one slice's reduces run on a communication stream while the other slice's GEMMs run), each
-with every reduce on NCCL ("nccl") and with the small ones through symmetric memory ("symm", the default; messages
-over ``symmetric.CAPACITY`` go to NCCL either way). Rank 0 prints the median ms of each (CUDA events).
+with every reduce on NCCL ("nccl", the default) and with the small ones through symmetric memory ("symm", opt-in;
+messages over ``symmetric.CAPACITY`` go to NCCL either way; one group per process gets symmetric memory, so run
+TP4 alone to measure it there). Rank 0 prints the median ms of each (CUDA events).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> None:
                     symmetric.ENABLED = path == "symm"
                     for chunks in (1, 2):
                         ms.update(time_chunks(model, spec, chunks, path))
-                symmetric.ENABLED = True
+                symmetric.ENABLED = False
                 if rank == 0:
                     print(name, label, " ".join(f"{k}={v:.3f}ms" for k, v in ms.items()), flush=True)
                 del model

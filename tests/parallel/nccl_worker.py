@@ -413,40 +413,49 @@ def check_overlap(tp, tower: str, inputs: dict, single_out: dict, reference: dic
 
 
 def check_symmetric(tp, tower: str, inputs: dict, single_out: dict, reference: dict, dtype) -> tuple[bool, str, dict]:
-    """The encoder layers' reduces through symmetric memory (the default for small messages on GPUs) and all
-    through NCCL (``VITRITON_ALLREDUCE=nccl``): both within the bound, and the first really used symmetric memory,
-    plain and overlapped (2 slices), with a forward hook on one MLP (which must keep its output: NCCL there).
-    ``symmetric.ENABLED`` is what ``VITRITON_ALLREDUCE=nccl`` sets at import."""
+    """The encoder layers' reduces through symmetric memory (opt-in: ``symmetric.ENABLED``, which
+    ``VITRITON_ALLREDUCE=symmetric`` sets at import) and through NCCL: each within the bound, and the symmetric
+    runs really used it, plain and overlapped (2 slices, reduces started asynchronously), with a forward hook on
+    one MLP (whose output must then be its own tensor, not a reused buffer). Before each checked call, a call on
+    other inputs fills the buffers with other values, so a result read too early would show."""
     results, passed = {}, True
-    mlp = next(m for m in tp.modules() if isinstance(m, Encoder)).layers[0].mlp
-    kept = []
-    for label, chunks, enabled, hook in (
-        ("symmetric", 1, True, False),
-        ("symmetric-overlapped", 2, True, False),
-        ("hooked-mlp", 1, True, True),
-        ("nccl", 1, False, False),
-    ):
-        for encoder in (m for m in tp.modules() if isinstance(m, Encoder)):
-            encoder.chunks = chunks
-        symmetric.ENABLED = enabled
-        handle = mlp.register_forward_hook(lambda _m, _a, out: kept.append(out)) if hook else None
-        try:
-            with counted_reduces() as (started, symmetric_calls):
-                out = outputs(tp, tower, inputs, hidden_states=False)
-        finally:
-            symmetric.ENABLED = True
-            if handle is not None:
-                handle.remove()
-        compared = {key: reference[key] for key in out}
-        ok, summary, _ = check_bound(out, single_out, compared, dtype, None)
-        ok &= (len(symmetric_calls) > 0) == enabled
-        results[label] = dict(ok=ok, summary=summary, reduces=len(started), symmetric=len(symmetric_calls))
-        passed &= ok
-    for encoder in (m for m in tp.modules() if isinstance(m, Encoder)):
-        encoder.chunks = None
+    encoders = [m for m in tp.modules() if isinstance(m, Encoder)]
+    mlp = encoders[0].layers[0].mlp
+    other = {key: value.flip(0) for key, value in inputs.items()}
+    kept, enabled_before = [], symmetric.ENABLED
+    try:
+        for label, chunks, enabled, hook in (
+            ("symmetric", 1, True, False),
+            ("symmetric-overlapped", 2, True, False),
+            ("hooked-mlp", 1, True, True),
+            ("nccl", 1, False, False),
+        ):
+            for encoder in encoders:
+                encoder.chunks = chunks
+            symmetric.ENABLED = enabled
+            handle = mlp.register_forward_hook(lambda _m, _a, out: kept.append(out)) if hook else None
+            try:
+                outputs(tp, tower, other, hidden_states=False)
+                with counted_reduces() as (started, symmetric_calls):
+                    out = outputs(tp, tower, inputs, hidden_states=False)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            compared = {key: reference[key] for key in out}
+            ok, summary, _ = check_bound(out, single_out, compared, dtype, None)
+            ok &= (len(symmetric_calls) > 0) == enabled
+            if chunks > 1:
+                ok &= sum(started) > 0
+            results[label] = dict(
+                ok=ok, summary=summary, reduces=len(started), asynchronous=sum(started), symmetric=len(symmetric_calls)
+            )
+            passed &= ok
+    finally:
+        symmetric.ENABLED = enabled_before
+        for encoder in encoders:
+            encoder.chunks = None
     # The hooked MLP's output is its own tensor, not a communication buffer that later layers overwrite.
-    hooked = kept[0]
-    passed &= all(hooked.untyped_storage().data_ptr() != b.data_ptr() for b in symmetric_buffers())
+    passed &= bool(kept) and all(kept[-1].untyped_storage().data_ptr() != b.data_ptr() for b in symmetric_buffers())
     summary = "; ".join(f"{k}: {v['symmetric']}/{v['reduces']} symmetric, {v['summary']}" for k, v in results.items())
     return passed, summary, {"results": results}
 

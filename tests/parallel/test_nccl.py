@@ -78,3 +78,17 @@ def test_parallel_layer_over_nccl(ranks, tmp_path):
         checked = {r["check"] for r in records if r["rank"] == rank}
         missing = expected_checks() - checked
         assert not missing, f"rank {rank} did not run {sorted(missing)}\n--- output tail ---\n{log}"
+
+
+def test_symmetric_memory_over_two_groups():
+    """A subgroup's symmetric buffers, then the world group's reduces: no hang, right sums, one symmetric group
+    per process (tests/parallel/symmetric_groups_worker.py)."""
+    if torch.cuda.device_count() < 4:
+        pytest.skip(f"needs 4 GPUs; {torch.cuda.device_count()} visible")
+    worker = Path(__file__).with_name("symmetric_groups_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
+    command += ["--master-port", str(free_port()), str(worker)]
+    run = subprocess.run(command, env={**os.environ, **NVLS_OFF}, capture_output=True, text=True, timeout=180)
+    log = (run.stdout + run.stderr)[-4000:]
+    assert run.returncode == 0, log
+    assert run.stdout.count("all sums right, paths as wanted") == 4, log

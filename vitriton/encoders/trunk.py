@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.kernels._dispatch import eager_mode, interpreting
@@ -48,6 +48,7 @@ from vitriton.parallel import (
     frozen,
     get_world_size,
     join,
+    symmetric,
     wait_all,
 )
 from vitriton.parallel.group import ProcessGroup
@@ -132,19 +133,19 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         pending: list | None = None,
-        transient: bool = False,
+        symmetric_result: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns ``(out, weights)``; weights (all heads, gathered) only with ``output_attentions``.
-        ``pending``: the out projection's all-reduce is started, not waited for (``all_reduce``); ``transient``:
-        see ``RowParallelLinear.forward``."""
+        ``pending``: the out projection's all-reduce is started, not waited for (``all_reduce``);
+        ``symmetric_result``: see ``RowParallelLinear.forward``."""
         q, k, v = self.qkv(x)
         if output_attentions:
             out, weights = attention_with_weights(
                 q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask
             )
-            return self.out_proj(out, pending, transient), gather_heads(weights, self.out_proj.process_group)
+            return self.out_proj(out, pending, symmetric_result), gather_heads(weights, self.out_proj.process_group)
         out = attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
-        return self.out_proj(out, pending, transient), None
+        return self.out_proj(out, pending, symmetric_result), None
 
 
 class MLP(nn.Module):
@@ -164,8 +165,10 @@ class MLP(nn.Module):
             join(prefix, "fc2"), weights, in_features=inner, out_features=hidden, what="intermediate_size", pad=True
         )
 
-    def forward(self, x: torch.Tensor, pending: list | None = None, transient: bool = False) -> torch.Tensor:
-        return self.fc2(self.fc1(x, self.activation), pending, transient)
+    def forward(
+        self, x: torch.Tensor, pending: list | None = None, symmetric_result: str | None = None
+    ) -> torch.Tensor:
+        return self.fc2(self.fc1(x, self.activation), pending, symmetric_result)
 
 
 class EncoderLayer(nn.Module):
@@ -190,40 +193,38 @@ class EncoderLayer(nn.Module):
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
+        symmetric_result: tuple[str | None, str | None] = (None, None),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``symmetric_result``: for the attention's and the MLP's reduce (``RowParallelLinear.forward``)."""
         normed, residual = self.layer_norm1(delta, residual)
         delta, weights = self.self_attn(
             normed,
             causal=causal,
             key_padding_mask=key_padding_mask,
             output_attentions=output_attentions,
-            transient=self.transient(),
+            symmetric_result=symmetric_result[0],
         )
-        delta, residual = self.mlp_block(delta, residual)
+        delta, residual = self.mlp_block(delta, residual, symmetric_result=symmetric_result)
         return delta, residual, weights
 
-    def transient(self) -> bool:
-        """Whether the row-parallel linears may return their all-reduced output in a reused communication
-        buffer (``RowParallelLinear.forward``): the next LayerNorm consumes it at once, unless a forward hook
-        on the attention, the MLP or their out-projections keeps it."""
-        if _global_forward_hooks:
-            return False
-        modules = (self.self_attn, self.self_attn.out_proj, self.mlp, self.mlp.fc2)
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
     def attention_block(
-        self, delta: torch.Tensor, residual: torch.Tensor | None, pending: list, **masks
+        self, delta: torch.Tensor, residual: torch.Tensor | None, pending: list, symmetric_result=(None, None), **masks
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LN1 -> attention, its all-reduce left in ``pending``: the first half of ``forward``."""
         normed, residual = self.layer_norm1(delta, residual)
-        return self.self_attn(normed, pending=pending, transient=self.transient(), **masks)[0], residual
+        return self.self_attn(normed, pending=pending, symmetric_result=symmetric_result[0], **masks)[0], residual
 
     def mlp_block(
-        self, delta: torch.Tensor, residual: torch.Tensor, pending: list | None = None, **_
+        self,
+        delta: torch.Tensor,
+        residual: torch.Tensor,
+        pending: list | None = None,
+        symmetric_result=(None, None),
+        **_,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LN2 -> MLP (its all-reduce left in ``pending`` when given): the second half of ``forward``."""
         normed, residual = self.layer_norm2(delta, residual)
-        return self.mlp(normed, pending, self.transient()), residual
+        return self.mlp(normed, pending, symmetric_result[1]), residual
 
 
 class EncoderOutput:
@@ -271,9 +272,15 @@ class Encoder(nn.Module):
         states = {0: hidden} if 0 in record else {}
         attentions = []
         delta, residual = hidden, None
+        results = self.symmetric_results(depth, 1)
         for index in range(depth):
             delta, residual, weights = self.layers[index](
-                delta, residual, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
+                delta,
+                residual,
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                output_attentions=output_attentions,
+                symmetric_result=results[index],
             )
             attentions.append(weights)
             if index + 1 in record:
@@ -284,6 +291,21 @@ class Encoder(nn.Module):
             tuple(states[i] for i in record) if record else None,
             tuple(attentions) if output_attentions else None,
         )
+
+    def symmetric_results(self, depth: int, chunks: int) -> list[tuple[str | None, str | None]]:
+        """Per layer, what its attention's and MLP's reduces do with symmetric memory
+        (``RowParallelLinear.forward``, ``vitriton.parallel.symmetric``): nothing when that is off, under
+        torch.compile, or when the forward runs more than ``MAX_CHUNKS`` slices (the same on every rank); else
+        "borrow" the reduced buffer, which the next LayerNorm consumes at once, except where something could keep
+        it: "copy" for the last layer's MLP (its result leaves the encoder), and for every reduce while a forward
+        hook or pre-hook is registered globally or on any module of the encoder."""
+        if not symmetric.ENABLED or chunks > symmetric.MAX_CHUNKS or depth == 0 or torch.compiler.is_compiling():
+            return [(None, None)] * depth
+        hooked = bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
+            module._forward_hooks or module._forward_pre_hooks for module in self.modules()
+        )
+        mode = "copy" if hooked else "borrow"
+        return [(mode, mode)] * (depth - 1) + [(mode, "copy")]
 
     def overlap_chunks(self, batch: int) -> int:
         """How many batch chunks a tensor-parallel forward interleaves (1: none). ``chunks`` set on the encoder
@@ -306,12 +328,13 @@ class Encoder(nn.Module):
         part_masks = [None] * len(parts) if mask is None else mask.chunk(chunks)
         deltas, residuals = list(parts), [None] * len(parts)
         pending = [[] for _ in parts]  # each slice's started, not yet waited for, all-reduces
-        for layer in self.layers[:depth]:
+        results = self.symmetric_results(depth, chunks)
+        for layer, result in zip(self.layers[:depth], results, strict=True):
             for step in (layer.attention_block, layer.mlp_block):
                 for i, part_mask in enumerate(part_masks):
                     wait_all(pending[i])
                     deltas[i], residuals[i] = step(
-                        deltas[i], residuals[i], pending[i], key_padding_mask=part_mask, **masks
+                        deltas[i], residuals[i], pending[i], result, key_padding_mask=part_mask, **masks
                     )
         for reduces in pending:
             wait_all(reduces)

@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vitriton.kernels._dispatch import use_triton
 from vitriton.kernels.linear import linear
 from vitriton.kernels.qkv import qkv_projection
 from vitriton.parallel import symmetric
@@ -150,23 +149,27 @@ class RowParallelLinear(ReplicatedLinear):
         b = weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None
         return cls(weight, b, weights.process_group)
 
-    def forward(self, x: torch.Tensor, pending: list | None = None, transient: bool = False) -> torch.Tensor:
-        """``pending``: start the all-reduce asynchronously (see :func:`all_reduce`). ``transient``: the caller
-        consumes the result before ``symmetric.RING - 1`` more reduces of this group are issued, so the GEMM may
-        write it into a symmetric-memory buffer that is reduced in place (``vitriton.parallel.symmetric``)."""
+    def forward(
+        self, x: torch.Tensor, pending: list | None = None, symmetric_result: str | None = None
+    ) -> torch.Tensor:
+        """``pending``: start the all-reduce asynchronously (see :func:`all_reduce`). ``symmetric_result``: None
+        reduces through NCCL; "borrow" or "copy" let the GEMM write into a symmetric-memory buffer reduced in place
+        (``vitriton.parallel.symmetric``, when it applies) and return that buffer ("borrow": valid until
+        ``symmetric.RING - 1`` further reduces of the group) or a copy of it ("copy")."""
         bias = self.bias if get_rank(self.process_group) == 0 else None
         x, weight, bias = autocast_args(x, self.weight, bias)
-        if transient:
+        if symmetric_result is not None and weight.dtype == x.dtype:
             shape = (*x.shape[:-1], weight.shape[0])
-            buffers = symmetric.buffers_for(self.process_group, shape, x.dtype, x.device)
-            if buffers is not None and use_triton(x) and weight.dtype == x.dtype:
+            grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            buffers = None if grad else symmetric.buffers_for(self.process_group, shape, x.dtype, x.device)
+            if buffers is not None:
                 out = buffers.take(shape, x.dtype)
                 rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, shape[-1])
                 if bias is None:
                     torch.mm(rows, weight.t(), out=out_rows)
                 else:
                     torch.addmm(bias, rows, weight.t(), out=out_rows)
-                return buffers.reduce(out, pending)
+                return buffers.reduce(out, pending, copy=symmetric_result == "copy")
         return all_reduce(linear(x, weight, bias), self.process_group, pending)
 
 
