@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import DEVICE, DTYPES, TOLERANCES, assert_lowp_bound, poisoned
+from tests.helpers import DEVICE, DTYPES, TOLERANCES, assert_lowp_bound, poisoned, triton_calls
 from vitriton.kernels.attention import (
     AttentionConfig,
     attention,
@@ -202,6 +202,16 @@ def test_attention_rejects_bad_arguments():
         attention_triton(q, k, v, out=torch.empty(1, 4, 33, device=DEVICE))
     with pytest.raises(ValueError, match="key_padding_mask"):
         attention(q, k, v, key_padding_mask=torch.ones(1, 5, dtype=torch.bool, device=DEVICE))
+
+
+def test_attention_beyond_the_kernel_head_dim_runs_the_reference():
+    """A config with head_dim 264 works as in transformers (eager reference); the kernel itself refuses it."""
+    q, k, v = (torch.randn(1, 2, 5, 264, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in range(3))
+    before = triton_calls()["attention"]
+    out = attention(q, k, v)
+    assert triton_calls()["attention"] == before
+    ref = attention_reference(q, k, v)
+    assert torch.equal(out, ref)
 
 
 def test_head_dim_chunks():

@@ -516,10 +516,19 @@ class PatchEmbeddings(nn.Module):
         if interpolate_pos_encoding:
             if height < self.patch_size or width < self.patch_size:
                 raise ValueError(f"image size {height}x{width} is smaller than one {self.patch_size}-pixel patch")
-        elif (height, width) != (self.image_size, self.image_size):
+        elif self.class_embedding is not None and (height, width) != (self.image_size, self.image_size):
+            # As transformers: CLIP's embeddings want the config's image size, SigLIP's only its patch grid (the
+            # bottom and right pixels that do not fill a whole patch are dropped).
             raise ValueError(
                 f"image size {height}x{width} does not match the config's {self.image_size}x{self.image_size}; "
                 f"pass interpolate_pos_encoding=True to run other sizes"
+            )
+        elif (height // self.patch_size, width // self.patch_size) != (self.image_size // self.patch_size,) * 2:
+            grid = self.image_size // self.patch_size
+            raise ValueError(
+                f"image size {height}x{width} gives a {height // self.patch_size}x{width // self.patch_size} patch "
+                f"grid; the config's {self.image_size}x{self.image_size} gives {grid}x{grid}: pass "
+                f"interpolate_pos_encoding=True to run other sizes"
             )
 
     def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
