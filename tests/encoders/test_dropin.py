@@ -138,3 +138,28 @@ def test_with_projection_classes_load_as_themselves(tmp_path):
         assert type(ours).__name__ == type(hf).__name__
         assert_same(ours(*args, output_hidden_states=True), hf(*args, output_hidden_states=True), type(hf).__name__)
         assert_same(ours(*args, return_dict=False), hf(*args, return_dict=False), f"{type(hf).__name__} tuple")
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("part", ["full", "vision", "text"])
+def test_model_attributes_as_transformers(family, part, clip_pair, siglip_pair):
+    """What code around a model reads from it: main_input_name, device, dtype, num_parameters (also without the
+    embeddings) and get_input_embeddings (SiglipModel's is the text tower's; CLIPModel has none)."""
+    (hf_full, _), _ = pair(family, clip_pair, siglip_pair)
+    hf = {"full": hf_full, "vision": hf_full.vision_model, "text": hf_full.text_model}[part]
+    ours = vitriton.from_transformers(hf, dtype=torch.float32)
+    assert ours.main_input_name == hf.main_input_name
+    assert (ours.device, ours.dtype) == (hf.device, hf.dtype)
+    assert ours.num_parameters() == hf.num_parameters()
+    assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
+    assert ours.num_parameters(only_trainable=True) == 0  # frozen: vitriton is for inference
+    if part == "full" and family == "clip":
+        with pytest.raises(NotImplementedError):
+            hf.get_input_embeddings()
+        with pytest.raises(NotImplementedError, match="two input embeddings"):
+            ours.get_input_embeddings()
+    else:
+        weight = hf.get_input_embeddings().weight
+        ours_weight = getattr(ours.get_input_embeddings(), "weight", None)
+        theirs = ours.get_input_embeddings().patch_weight if ours_weight is None else ours_weight
+        assert torch.equal(theirs, weight)

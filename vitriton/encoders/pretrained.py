@@ -24,6 +24,7 @@ from vitriton.parallel import (
     CheckpointError,
     DataParallel,
     SameInputs,
+    VocabParallelEmbedding,
     Weights,
     default_group,
     get_world_size,
@@ -178,6 +179,46 @@ class PretrainedMixin:
     tower: str | None = None
     # True for classes with a projection beside the tower (the *WithProjection classes).
     projected: bool = False
+    # A dual encoder's get_input_embeddings: the text tower's (SiglipModel) or none (CLIPModel), as transformers.
+    text_input_embeddings: bool = False
+
+    @property
+    def main_input_name(self) -> str:
+        """As transformers: "pixel_values" for vision towers, "input_ids" for text towers and dual encoders."""
+        return "pixel_values" if self.tower == "vision" else "input_ids"
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters, as transformers' ``model.device`` (e.g. ``inputs.to(model.device)``)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter, as transformers' ``model.dtype``."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters held by this process (under tensor parallelism: this rank's shards), as transformers counts
+        them; every parameter is frozen, so ``only_trainable`` counts those a caller unfroze."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, VocabParallelEmbedding)}
+            skip |= {id(m.position_embedding) for m in self.modules() if hasattr(m, "position_embedding")}
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embedding, or the vision tower's patch embedding module. Dual encoders do as
+        transformers 5.17's: SiglipModel gives the text token embedding, CLIPModel raises NotImplementedError."""
+        if self.tower == "vision":
+            return self.vision_model.embeddings
+        if self.tower == "text" or self.text_input_embeddings:
+            return self.text_model.embeddings.token_embedding
+        raise NotImplementedError(
+            f"{type(self).__name__} has two input embeddings, as in transformers: use "
+            f"model.text_model.embeddings.token_embedding or model.vision_model.embeddings"
+        )
 
     @property
     def parallel_mode(self) -> str:

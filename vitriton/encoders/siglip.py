@@ -153,6 +153,7 @@ class SiglipModel(DualEncoder):
     vision_cls = SiglipVisionTransformer
     text_cls = SiglipTextTransformer
     output_cls = SiglipOutput
+    text_input_embeddings = True
 
     def __init__(self, prefix: str, config: SiglipConfig, weights: Weights):
         super().__init__(prefix, config, weights)

@@ -579,8 +579,8 @@ class PatchEmbeddings(nn.Module):
         pad = pad_to_16_bytes(width)
         if pad == 0:
             return weight.reshape(hidden, width)
-        if torch.compiler.is_compiling():
-            return F.pad(weight.reshape(hidden, width), (0, pad))
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+            return F.pad(weight.reshape(hidden, width), (0, pad))  # traced, or recorded by autograd
         padded = self._padded
         if padded is None or padded.data_ptr() != weight.data_ptr() or padded.dtype != weight.dtype:
             with torch.inference_mode(False), torch.no_grad():

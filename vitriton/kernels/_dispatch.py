@@ -48,12 +48,16 @@ def eager_mode(enabled: bool = True) -> Iterator[None]:
 _eager_env: bool | None = None
 
 
-def use_triton(x: torch.Tensor, eager: bool | None = None) -> bool:
+def use_triton(x: torch.Tensor, eager: bool | None = None, *operands: torch.Tensor | None) -> bool:
     """True when an op whose first operand is ``x`` should run its Triton kernel.
 
     The op's other operands are checked against ``x`` when its launch plan is built; a mismatch (another
-    device, another dtype) raises there rather than silently running eager.
+    device, another dtype) raises there rather than silently running eager. The kernels have no backward: when
+    autograd records (grad mode on and ``x`` or one of ``operands`` requires grad), the op runs its eager
+    reference, so gradients reach the inputs (and any parameter a caller unfroze) as in transformers.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or any(o is not None and o.requires_grad for o in operands)):
+        return False
     global _eager_env
     if eager is None:
         eager = getattr(_state, "eager", None)

@@ -644,7 +644,7 @@ def attention(
     Rows with no key to attend to give zeros. Head dims above ``MAX_HEAD_DIM`` (no encoder we know has one) run
     the eager reference, as transformers would; ``attention_triton`` raises for them.
     """
-    if not use_triton(q, eager) or q.shape[-1] > MAX_HEAD_DIM:
+    if not use_triton(q, eager, k, v) or q.shape[-1] > MAX_HEAD_DIM:
         return attention_reference(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
     if torch.compiler.is_compiling():
         return _attention_op(q, k, v, key_padding_mask, scale, causal)

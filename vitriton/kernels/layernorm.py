@@ -273,7 +273,7 @@ def layer_norm(
     eager: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, residual_out)``; with ``residual=None``, ``residual_out`` is ``x`` itself."""
-    if not use_triton(x, eager) or not 0 < x.shape[-1] <= MAX_FUSED_N:
+    if not use_triton(x, eager, weight, bias, residual) or not 0 < x.shape[-1] <= MAX_FUSED_N:
         return layer_norm_reference(x, weight, bias, eps, residual)
     if torch.compiler.is_compiling():
         if residual is None:

@@ -306,7 +306,7 @@ def linear(
     - otherwise (quick_gelu, gelu) the Triton kernel.
     ``linear_triton`` runs the Triton kernel on any call.
     """
-    if not use_triton(x, eager):
+    if not use_triton(x, eager, weight, bias):
         return linear_reference(x, weight, bias, activation)
     if x.is_cuda:
         if activation is None:

@@ -249,7 +249,7 @@ def qkv_projection(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x``: (B, S, K) -> q, k, v each (B, heads, S, head_dim), views of one packed buffer: head-split
     (contiguous per head) from the Triton kernel, or strided views of cuBLAS's output at ``PACKED_MIN_ROWS``."""
-    if not use_triton(x, eager) or (x.is_cuda and x.shape[0] * x.shape[1] >= PACKED_MIN_ROWS):
+    if not use_triton(x, eager, weight, bias) or (x.is_cuda and x.shape[0] * x.shape[1] >= PACKED_MIN_ROWS):
         return qkv_projection_reference(x, weight, bias, num_heads)
     if torch.compiler.is_compiling():
         return _qkv_projection_op(x, weight, bias, num_heads).unbind(0)
