@@ -113,6 +113,12 @@ def test_patch_a_tower_alone_keeps_the_object():
     close(out.pooler_output, expected_text.pooler_output)
 
 
+def test_from_transformers_on_a_patched_model_says_so():
+    model = vitriton.patch(models.clip_model())
+    with pytest.raises(ValueError, match=r"already runs vitriton's towers \(vitriton\.patch\)"):
+        vitriton.from_transformers(model)
+
+
 def test_patch_a_model_with_projection():
     torch.manual_seed(2)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**models.CLIP_VISION, projection_dim=48)).eval()

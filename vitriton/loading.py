@@ -11,6 +11,7 @@ from torch import nn
 
 from vitriton.encoders import clip, siglip
 from vitriton.encoders.pretrained import resolve_checkpoint
+from vitriton.encoders.trunk import TextTransformer, VisionTransformer
 from vitriton.parallel import CheckpointError
 
 # transformers class name (config.json's ``architectures``) -> vitriton class.
@@ -130,5 +131,10 @@ def from_transformers(model: nn.Module, *, tower: str | None = None, **kwargs) -
     Weights in the requested dtype and device are shared with ``model``, not copied, except the packed q/k/v
     weights, a patch-embedding weight whose row (channels * patch * patch) is not whole 16 bytes (it is kept
     padded), and, under tensor parallelism, the row-parallel column slices and MLP shards padded to 16 bytes."""
+    if any(isinstance(m, VisionTransformer | TextTransformer) for m in model.modules()):
+        raise ValueError(
+            f"this {type(model).__name__} already runs vitriton's towers (vitriton.patch): use it as it is, or "
+            f"call from_transformers on a model that was not patched"
+        )
     cls = pick_class(model.config.model_type, [type(model).__name__], tower)
     return cls.from_transformers(model, **kwargs)
