@@ -56,8 +56,12 @@ def use_triton(x: torch.Tensor, eager: bool | None = None, *operands: torch.Tens
     autograd records (grad mode on and ``x`` or one of ``operands`` requires grad), the op runs its eager
     reference, so gradients reach the inputs (and any parameter a caller unfroze) as in transformers.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or any(o is not None and o.requires_grad for o in operands)):
-        return False
+    if torch.is_grad_enabled():  # a plain loop: this runs on every op call, where a generator costs host time
+        if x.requires_grad:
+            return False
+        for operand in operands:
+            if operand is not None and operand.requires_grad:
+                return False
     global _eager_env
     if eager is None:
         eager = getattr(_state, "eager", None)
