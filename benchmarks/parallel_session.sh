@@ -2,7 +2,8 @@
 # NCCL tests of the parallel layer on one multi-GPU host, then the TP/DP benchmark table:
 # `bash benchmarks/parallel_session.sh OUTDIR`.
 # Writes OUTDIR/topo.txt (nvidia-smi topo -m), versions.txt, the pytest log of the 2-rank run and, with 4 or more
-# GPUs, of the 4-rank run (nccl_ranks<N>.log; each worker's JSON lines and summary.txt under tmp_ranks<N>/), then
+# GPUs, of the 4-rank run (nccl_ranks<N>.log; each worker's JSON lines and summary.txt under tmp_ranks<N>/), the
+# all-reduce timings (allreduce_ranks<N>.log, NCCL against symmetric memory), then
 # `make bench-parallel` over min(4, GPUs) ranks (report_parallel.log; JSON, CSV, PNG under report/), and prints a
 # summary last.
 set -uo pipefail
@@ -28,10 +29,19 @@ print(*[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 gpus=$(timeout 30 nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 for ranks in 2 4; do
     if [ "$gpus" -ge "$ranks" ]; then
+        tests="ranks$ranks"
+        [ "$ranks" = 4 ] && tests="$tests or two_groups"  # the symmetric-memory test of two groups needs 4 GPUs
         run "nccl_ranks$ranks.log" 480 python3 -m pytest tests/parallel/test_nccl.py -m gpu -q -rA -p no:cacheprovider \
-            -k "ranks$ranks" --basetemp "$out/tmp_ranks$ranks"
+            -k "$tests" --basetemp "$out/tmp_ranks$ranks"
     else
         status+=("nccl_ranks$ranks.log: skipped, $gpus GPUs")
+    fi
+done
+
+for ranks in 2 4; do
+    if [ "$gpus" -ge "$ranks" ]; then
+        run "allreduce_ranks$ranks.log" 120 python3 -m torch.distributed.run --standalone --nproc-per-node "$ranks" \
+            -m benchmarks.bench_allreduce
     fi
 done
 
