@@ -7,6 +7,7 @@ where the test asks for it, and the check must name it on both ranks.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,32 @@ def test_data_parallel_wrapper_and_input_check(tmp_path):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         for key in ("data_error", "tensor_error"):
             assert result[key] is not None and "ranks [1] passed inputs" in result[key], f"rank {rank} {key}"
+
+
+def _bad_id_worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ["VITRITON_EAGER"] = "1"
+    torch.set_num_threads(1)
+    # A short timeout: before the whole-batch check, rank 0 waited here for rank 1's outputs until it expired.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
+    )
+    model = vitriton.from_pretrained(Path(root) / "text", parallel="data")
+    ids, mask = models.text(4, 7, seed=5)
+    ids[3, 2] = 99  # outside the vocabulary of 99, in rank 1's rows (2 and 3)
+    try:
+        with torch.no_grad():
+            model(ids, mask)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    torch.save({"error": error}, Path(root) / f"bad{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_data_parallel_bad_id_in_one_ranks_rows_raises_on_every_rank(tmp_path):
+    models.save(models.clip_model().text_model, tmp_path / "text")
+    mp.spawn(_bad_id_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        error = torch.load(tmp_path / f"bad{rank}.pt")["error"]
+        assert error is not None and "token id 99 is outside the vocabulary" in error, f"rank {rank}: {error}"

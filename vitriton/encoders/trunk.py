@@ -781,6 +781,17 @@ class TextTransformer(Tower):
             head = self.forward_head(encoded, input_ids) if depth == self.encoder.num_hidden_layers else None
         return self.output(encoded, head, return_dict)
 
+    def check_batch(self, input_ids=None, attention_mask=None, position_ids=None, *args, **kwargs) -> None:
+        """The checks of token and position ids that depend on their values, on a whole batch: data parallelism
+        runs them before splitting it, so a bad id in one rank's rows raises on every rank, not on that rank
+        alone while the others wait for its outputs."""
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids.reshape(-1, input_ids.shape[-1])
+            positions = None
+            if isinstance(position_ids, torch.Tensor):
+                positions = position_ids.reshape(-1, position_ids.shape[-1])
+            self.embeddings.check(ids, positions)
+
     def forward_head(self, encoded: EncoderOutput, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last, _ = self.final_layer_norm(encoded.delta, encoded.residual)
         return last, self.pool(last, input_ids)

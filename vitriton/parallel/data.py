@@ -90,6 +90,9 @@ class DataParallel(TowerWrapper):
         if self.check_inputs:
             check_same_inputs(input_tensors(args, kwargs), group)
         tensors = list(input_tensors(args, kwargs).values())
+        check_batch = getattr(self.module, "check_batch", None)
+        if world > 1 and check_batch is not None:
+            check_batch(*args, **kwargs)  # value checks on the whole batch: the same error on every rank
         if world == 1 or not tensors or tensors[0].shape[0] < world:
             return self.module(*args, return_dict=return_dict, **kwargs)
         batch = tensors[0].shape[0]
