@@ -207,5 +207,5 @@ def test_parallel_matches_single_process(checkpoints, world, mode, kernels):
     if mode == "tensor" and world == 4:
         message = results[0]["indivisible_error"]
         assert message is not None and "2 does not divide by the tensor-parallel world size 4" in message
-        assert "parallel='data'" in message
+        assert "parallel='data'" in message and "layers.0.self_attn" in message  # names the module
         assert results[0]["data_mode_ok"]

@@ -201,7 +201,10 @@ class QKVParallelLinear(nn.Module):
         head_dim = hidden_size // num_heads
         if head_dim * num_heads != hidden_size:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
-        shard = even_shard(hidden_size, weights.rank, weights.world_size, what="attention heads", unit=head_dim)
+        where = sources[0][0].rsplit(".", 1)[0]  # the q (or packed in_proj) tensor's module, named in errors
+        shard = even_shard(
+            hidden_size, weights.rank, weights.world_size, what=f"{where}: attention heads", unit=head_dim
+        )
         parts, bias_parts = [], []
         for name, row in sources:
             rows = weights.shape(name)[0]
