@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import vitriton
 from tests.encoders import models
@@ -51,6 +51,11 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
                 "b3": model(px).last_hidden_state,
                 "b1": model(px[:1]).pooler_output,
             }
+        try:  # 3 heads over 2 ranks: auto's tensor choice cannot shard it, and the error says why auto chose it
+            _load(Path(root) / "three_heads", TOO_SMALL_GIB)
+            result["three_heads"] = None
+        except ValueError as error:
+            result["three_heads"] = str(error)
         os.environ.pop("VITRITON_WEIGHT_BUDGET_GIB", None)
         hf = CLIPVisionModel.from_pretrained(path).eval()
         vitriton.patch(hf, parallel="auto")
@@ -63,6 +68,9 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 def test_auto_picks_data_when_weights_fit_else_tensor(tmp_path):
     hf = models.perturb_vectors(models.clip_model().vision_model)
     models.save(hf, tmp_path / "clip")
+    models.save(
+        CLIPVisionModel(CLIPVisionConfig(**{**models.CLIP_VISION, "num_attention_heads": 3})), tmp_path / "three_heads"
+    )
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     px = models.pixels(3, 40, seed=5)
     with vitriton.eager_mode(), torch.no_grad():
@@ -73,6 +81,8 @@ def test_auto_picks_data_when_weights_fit_else_tensor(tmp_path):
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["patched_wrapped"], f"rank {rank}: patch(parallel='auto') did not pick data parallelism"
+        error = result["three_heads"]
+        assert error and "does not divide" in error and "parallel='auto' chose tensor parallelism" in error, error
         for case, mode in expected.items():
             got = result[case]
             assert got["mode"] == mode, f"rank {rank} {case}: parallel_mode {got['mode']!r}, expected {mode!r}"

@@ -269,8 +269,38 @@ class PretrainedMixin:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
-        if parallel == "auto":
+        auto = parallel == "auto"
+        if auto:
             parallel = cls.auto_parallel(make_weights(dtype, None, device), prefix, dtype, device, process_group)
+        try:
+            return cls.assemble(
+                config, make_weights, dtype, device, process_group, parallel, prefix, feature_layers, num_layers,
+                check_inputs, cuda_graphs,
+            )  # fmt: skip
+        except ValueError as error:
+            if auto and parallel == "tensor" and "tensor-parallel" in str(error):
+                raise ValueError(
+                    f"{error}. parallel='auto' chose tensor parallelism: the whole weights exceed the per-rank "
+                    f"budget ({AUTO_BUDGET_ENV} GiB, default a quarter of the device's memory) on some rank"
+                ) from error
+            raise
+
+    @classmethod
+    def assemble(
+        cls,
+        config: PretrainedConfig,
+        make_weights: Callable[[torch.dtype, ProcessGroup | None, torch.device], Weights],
+        dtype: torch.dtype,
+        device: torch.device,
+        process_group: ProcessGroup | None,
+        parallel: str,
+        prefix: str | None,
+        feature_layers: int | Sequence[int] | None,
+        num_layers: int | None,
+        check_inputs: bool | None,
+        cuda_graphs: bool | Sequence[int],
+    ) -> nn.Module:
+        """``build`` once ``parallel`` is "tensor" or "data": loads the weights and builds the model."""
         weights = make_weights(dtype, process_group if parallel == "tensor" else None, device)
 
         if cls.tower is None:
