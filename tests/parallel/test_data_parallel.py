@@ -92,7 +92,14 @@ def _bad_id_worker(rank: int, world: int, port: int, root: str) -> None:
         error = None
     except ValueError as err:
         error = str(err)
-    torch.save({"error": error}, Path(root) / f"bad{rank}.pt")
+    # Gradients cannot cross the collectives: tensor parallelism with unfrozen weights says so on every rank.
+    tensor = vitriton.from_pretrained(Path(root) / "text", parallel="tensor").requires_grad_(True)
+    try:
+        tensor(*models.text(4, 7, seed=6))
+        grad_error = None
+    except NotImplementedError as err:
+        grad_error = str(err)
+    torch.save({"error": error, "grad_error": grad_error}, Path(root) / f"bad{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -101,5 +108,7 @@ def test_data_parallel_bad_id_in_one_ranks_rows_raises_on_every_rank(tmp_path):
     models.save(models.clip_model().text_model, tmp_path / "text")
     mp.spawn(_bad_id_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
-        error = torch.load(tmp_path / f"bad{rank}.pt")["error"]
+        result = torch.load(tmp_path / f"bad{rank}.pt")
+        error, grad_error = result["error"], result["grad_error"]
         assert error is not None and "token id 99 is outside the vocabulary" in error, f"rank {rank}: {error}"
+        assert grad_error is not None and "gradients through a tensor-parallel" in grad_error, f"rank {rank}"

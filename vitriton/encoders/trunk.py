@@ -556,6 +556,10 @@ class PatchEmbeddings(nn.Module):
         grid = grid.reshape(batch, channels, grid_h, patch, grid_w, patch).permute(0, 2, 4, 1, 3, 5)
         lead = 1 if self.class_embedding is not None else 0
         width = channels * patch * patch
+        if torch.is_grad_enabled() and pixel_values.requires_grad:
+            # Out of place, so that autograd records it (dynamo loses requires_grad through the in-place copy).
+            rows = grid.reshape(batch, grid_h * grid_w, width).to(dtype)
+            return F.pad(rows, (0, pad_to_16_bytes(width), lead, 0)), grid_h, grid_w
         rows = pixel_values.new_empty((batch, lead + grid_h * grid_w, width + pad_to_16_bytes(width)), dtype=dtype)
         rows[:, :lead].zero_()
         rows[:, :, width:].zero_()

@@ -90,6 +90,11 @@ class DataParallel(TowerWrapper):
         if self.check_inputs:
             check_same_inputs(input_tensors(args, kwargs), group)
         tensors = list(input_tensors(args, kwargs).values())
+        if world > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            raise NotImplementedError(
+                "gradients through a data-parallel vitriton model are not supported (its output all-gather is not "
+                "recorded by autograd): run it under torch.no_grad(), or load it without a process group"
+            )
         check_batch = getattr(self.module, "check_batch", None)
         if world > 1 and check_batch is not None:
             check_batch(*args, **kwargs)  # value checks on the whole batch: the same error on every rank

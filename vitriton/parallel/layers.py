@@ -156,12 +156,19 @@ class RowParallelLinear(ReplicatedLinear):
         reduces through NCCL; "borrow" or "copy" let the GEMM write into a symmetric-memory buffer reduced in place
         (``vitriton.parallel.symmetric``, when it applies) and return that buffer ("borrow": valid until
         ``symmetric.RING - 1`` further reduces of the group) or a copy of it ("copy")."""
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+        ):
+            if get_world_size(self.process_group) > 1:
+                raise NotImplementedError(
+                    "gradients through a tensor-parallel vitriton model are not supported (its all-reduces are not "
+                    "recorded by autograd): run it under torch.no_grad(), or load it without a process group"
+                )
         bias = self.bias if get_rank(self.process_group) == 0 else None
         x, weight, bias = autocast_args(x, self.weight, bias)
         if symmetric_result is not None and weight.dtype == x.dtype:
             shape = (*x.shape[:-1], weight.shape[0])
-            grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            buffers = None if grad else symmetric.buffers_for(self.process_group, shape, x.dtype, x.device)
+            buffers = symmetric.buffers_for(self.process_group, shape, x.dtype, x.device)
             if buffers is not None:
                 out = buffers.take(shape, x.dtype)
                 rows, out_rows = x.reshape(-1, x.shape[-1]), out.view(-1, shape[-1])
