@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vitriton.kernels._dispatch import eager_mode, interpreting
+from vitriton.kernels._dispatch import autograd_records, eager_mode, interpreting
 from vitriton.kernels.attention import allowed_keys, attention
 from vitriton.kernels.layernorm import layer_norm
 from vitriton.kernels.linear import check_activation, linear
@@ -556,7 +556,7 @@ class PatchEmbeddings(nn.Module):
         grid = grid.reshape(batch, channels, grid_h, patch, grid_w, patch).permute(0, 2, 4, 1, 3, 5)
         lead = 1 if self.class_embedding is not None else 0
         width = channels * patch * patch
-        if torch.is_grad_enabled() and pixel_values.requires_grad:
+        if autograd_records(pixel_values):
             # Out of place, so that autograd records it (dynamo loses requires_grad through the in-place copy).
             rows = grid.reshape(batch, grid_h * grid_w, width).to(dtype)
             return F.pad(rows, (0, pad_to_16_bytes(width), lead, 0)), grid_h, grid_w
@@ -583,7 +583,7 @@ class PatchEmbeddings(nn.Module):
         pad = pad_to_16_bytes(width)
         if pad == 0:
             return weight.reshape(hidden, width)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        if torch.compiler.is_compiling() or autograd_records(weight):
             return F.pad(weight.reshape(hidden, width), (0, pad))  # traced, or recorded by autograd
         padded = self._padded
         if padded is None or padded.data_ptr() != weight.data_ptr() or padded.dtype != weight.dtype:

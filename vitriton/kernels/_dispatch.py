@@ -48,6 +48,16 @@ def eager_mode(enabled: bool = True) -> Iterator[None]:
 _eager_env: bool | None = None
 
 
+def autograd_records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on ``tensors``: grad mode on and one of them requires grad. A plain
+    loop: it runs on every op call, where a generator costs host time."""
+    if torch.is_grad_enabled():
+        for tensor in tensors:
+            if tensor is not None and tensor.requires_grad:
+                return True
+    return False
+
+
 def use_triton(x: torch.Tensor, eager: bool | None = None, *operands: torch.Tensor | None) -> bool:
     """True when an op whose first operand is ``x`` should run its Triton kernel.
 
@@ -56,12 +66,8 @@ def use_triton(x: torch.Tensor, eager: bool | None = None, *operands: torch.Tens
     autograd records (grad mode on and ``x`` or one of ``operands`` requires grad), the op runs its eager
     reference, so gradients reach the inputs (and any parameter a caller unfroze) as in transformers.
     """
-    if torch.is_grad_enabled():  # a plain loop: this runs on every op call, where a generator costs host time
-        if x.requires_grad:
-            return False
-        for operand in operands:
-            if operand is not None and operand.requires_grad:
-                return False
+    if autograd_records(x, *operands):
+        return False
     global _eager_env
     if eager is None:
         eager = getattr(_state, "eager", None)

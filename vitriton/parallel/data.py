@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import ModelOutput
 
+from vitriton.kernels._dispatch import autograd_records
 from vitriton.parallel.group import ProcessGroup, get_rank, get_world_size
 
 
@@ -90,7 +91,7 @@ class DataParallel(TowerWrapper):
         if self.check_inputs:
             check_same_inputs(input_tensors(args, kwargs), group)
         tensors = list(input_tensors(args, kwargs).values())
-        if world > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if world > 1 and autograd_records(*tensors):
             raise NotImplementedError(
                 "gradients through a data-parallel vitriton model are not supported (its output all-gather is not "
                 "recorded by autograd): run it under torch.no_grad(), or load it without a process group"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vitriton.kernels._dispatch import autograd_records
 from vitriton.kernels.linear import linear
 from vitriton.kernels.qkv import qkv_projection
 from vitriton.parallel import symmetric
@@ -156,14 +157,11 @@ class RowParallelLinear(ReplicatedLinear):
         reduces through NCCL; "borrow" or "copy" let the GEMM write into a symmetric-memory buffer reduced in place
         (``vitriton.parallel.symmetric``, when it applies) and return that buffer ("borrow": valid until
         ``symmetric.RING - 1`` further reduces of the group) or a copy of it ("copy")."""
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p is not None and p.requires_grad for p in (self.weight, self.bias))
-        ):
-            if get_world_size(self.process_group) > 1:
-                raise NotImplementedError(
-                    "gradients through a tensor-parallel vitriton model are not supported (its all-reduces are not "
-                    "recorded by autograd): run it under torch.no_grad(), or load it without a process group"
-                )
+        if autograd_records(x, self.weight, self.bias) and get_world_size(self.process_group) > 1:
+            raise NotImplementedError(
+                "gradients through a tensor-parallel vitriton model are not supported (its all-reduces are not "
+                "recorded by autograd): run it under torch.no_grad(), or load it without a process group"
+            )
         bias = self.bias if get_rank(self.process_group) == 0 else None
         x, weight, bias = autocast_args(x, self.weight, bias)
         if symmetric_result is not None and weight.dtype == x.dtype:
