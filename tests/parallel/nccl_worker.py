@@ -374,10 +374,10 @@ def counted_reduces():
         started.append(async_op)
         return plain_all_reduce(*args, async_op=async_op, **kwargs)
 
-    def counting_symmetric(self, tensor, pending):
+    def counting_symmetric(self, tensor, pending, copy):
         started.append(pending is not None)
         symmetric_calls.append(tensor.numel())
-        return plain_symmetric(self, tensor, pending)
+        return plain_symmetric(self, tensor, pending, copy)
 
     symmetric_calls = []
     dist.all_reduce, symmetric.SymmetricBuffers.reduce = counting, counting_symmetric
