@@ -278,13 +278,18 @@ def _transformers(build: Callable[[BuildContext], Encoder]) -> Callable[[BuildCo
     return build_parallel
 
 
-def _vitriton_model(ctx: BuildContext) -> torch.nn.Module:
+def _vitriton_model(ctx: BuildContext, cuda_graphs: Any = "auto") -> torch.nn.Module:
     import vitriton
 
     # "none" is a whole model: tensor parallelism over no group (a lone process) or a 1-rank group (torchrun).
     parallel = "tensor" if ctx.parallel == "none" else ctx.parallel
     return vitriton.from_transformers(
-        ctx.master, dtype=ctx.dtype, device=ctx.device, process_group=ctx.process_group, parallel=parallel
+        ctx.master,
+        dtype=ctx.dtype,
+        device=ctx.device,
+        process_group=ctx.process_group,
+        parallel=parallel,
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -304,10 +309,14 @@ def build_vitriton(ctx: BuildContext) -> Encoder:
     return model if ctx.device.type == "cuda" else _eager(model)
 
 
+def build_vitriton_nographs(ctx: BuildContext) -> Encoder:
+    return _vitriton_model(ctx, cuda_graphs=False)
+
+
 def build_vitriton_graphs(ctx: BuildContext) -> Encoder:
     from vitriton.graphs import CUDAGraphRunner
 
-    return CUDAGraphRunner(_vitriton_model(ctx), batch_sizes=ctx.batch_sizes)
+    return CUDAGraphRunner(_vitriton_model(ctx, cuda_graphs=False), batch_sizes=ctx.batch_sizes)
 
 
 def build_vitriton_eager(ctx: BuildContext) -> Encoder:
@@ -326,14 +335,16 @@ def _hf_compile_mode(mode: str) -> Callable[[BuildContext], Encoder]:
 
 
 def build_vitriton_compile(ctx: BuildContext) -> Encoder:
-    return torch.compile(_vitriton_model(ctx), fullgraph=True, dynamic=ctx.compile_dynamic)
+    return torch.compile(_vitriton_model(ctx, cuda_graphs=False), fullgraph=True, dynamic=ctx.compile_dynamic)
 
 
 PROVIDERS: dict[str, Provider] = {
     provider.name: provider
     for provider in (
-        Provider("vitriton", "vitriton, Triton kernels (eager torch ops without CUDA)", build_vitriton,
-                 uses_vitriton=True, compiles=True, shards=True),
+        Provider("vitriton", "vitriton as loaded: Triton kernels, automatic CUDA graphs for small calls (eager torch "
+                 "ops without CUDA)", build_vitriton, uses_vitriton=True, compiles=True, shards=True),
+        Provider("vitriton-nographs", "vitriton with cuda_graphs=False: every call launched from Python",
+                 build_vitriton_nographs, uses_vitriton=True, shards=True),
         Provider("vitriton-graphs", "vitriton replayed from CUDA graphs, one per batch size",
                  build_vitriton_graphs, uses_vitriton=True, needs_cuda=True, shards=True),
         Provider("vitriton-eager", "vitriton's module graph on eager torch ops (A/B of the kernels)",
@@ -353,7 +364,7 @@ PROVIDERS: dict[str, Provider] = {
     )
 }  # fmt: skip
 
-GPU_PROVIDERS = ("vitriton", "vitriton-graphs", "hf-eager", "hf-sdpa", "hf-compile")
+GPU_PROVIDERS = ("vitriton", "vitriton-nographs", "vitriton-graphs", "hf-eager", "hf-sdpa", "hf-compile")
 CPU_PROVIDERS = ("vitriton", "hf-eager", "hf-sdpa")  # torch.compile on CPU needs a C++ toolchain; opt in
 BASELINE = "hf-compile"
 

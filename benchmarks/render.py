@@ -44,7 +44,7 @@ TARGETS = (
     ("siglip-so400m-384", 1, "ms", 3.0),
 )
 FIRST_CALL_TARGET_S = 15.0
-VITRITON_PROVIDERS = ("vitriton", "vitriton-graphs")
+VITRITON_PROVIDERS = ("vitriton", "vitriton-nographs", "vitriton-graphs")
 
 
 def add_baseline_ratios(rows: list[dict[str, Any]], baseline: str) -> None:

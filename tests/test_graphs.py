@@ -3,6 +3,10 @@ capture and replay, through ``CUDAGraphRunner`` and ``enable_cuda_graphs``, on a
 
 from __future__ import annotations
 
+import copy
+import inspect
+import pickle
+
 import pytest
 import torch
 from transformers import CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
@@ -10,8 +14,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vitriton
 from tests.encoders import models
+from vitriton import graphs
+from vitriton.encoders.trunk import Tower
 from vitriton.graphs import (
     DEFAULT_BATCH_SIZES,
+    AutoGraphs,
     CUDAGraphRunner,
     bucket_for,
     cuda_graph_buckets,
@@ -22,6 +29,7 @@ from vitriton.graphs import (
     pad_rows,
     take_rows,
 )
+from vitriton.kernels import eager_mode
 
 
 @pytest.mark.parametrize(
@@ -111,7 +119,14 @@ def test_take_rows_outside_inference_mode_gives_ordinary_tensors():
 
 @pytest.mark.parametrize(
     ("cuda_graphs", "buckets"),
-    [(False, None), (True, DEFAULT_BATCH_SIZES), ((8, 1, 8), (1, 8)), ([3], (3,)), (range(1, 3), (1, 2))],
+    [
+        (False, None),
+        ("auto", None),
+        (True, DEFAULT_BATCH_SIZES),
+        ((8, 1, 8), (1, 8)),
+        ([3], (3,)),
+        (range(1, 3), (1, 2)),
+    ],
 )
 def test_cuda_graph_buckets(cuda_graphs, buckets):
     assert cuda_graph_buckets(cuda_graphs) == buckets
@@ -119,7 +134,7 @@ def test_cuda_graph_buckets(cuda_graphs, buckets):
 
 @pytest.mark.parametrize(("cuda_graphs", "error"), [(8, TypeError), ("1,2", TypeError), (None, TypeError)])
 def test_cuda_graph_buckets_rejects_what_is_not_a_bool_or_sizes(cuda_graphs, error):
-    with pytest.raises(error, match="cuda_graphs=.*expected True, False or a sequence of batch sizes"):
+    with pytest.raises(error, match="cuda_graphs=.*expected 'auto', True, False or a sequence of batch sizes"):
         cuda_graph_buckets(cuda_graphs)
 
 
@@ -134,12 +149,15 @@ def cpu_clip():
     return vitriton.from_transformers(models.clip_model(), device="cpu")
 
 
-def test_enable_cuda_graphs_false_returns_the_model_untouched(cpu_clip):
+def test_enable_cuda_graphs_false_leaves_the_weights_and_forwards_alone(cpu_clip):
     before = {name: tensor.data_ptr() for name, tensor in cpu_clip.state_dict().items()}
-    assert enable_cuda_graphs(cpu_clip, False) is cpu_clip
-    assert cuda_graph_runners(cpu_clip) == []
-    assert "forward" not in cpu_clip.vision_model.__dict__ and "forward" not in cpu_clip.text_model.__dict__
-    assert {name: tensor.data_ptr() for name, tensor in cpu_clip.state_dict().items()} == before
+    try:
+        assert enable_cuda_graphs(cpu_clip, False) is cpu_clip
+        assert cuda_graph_runners(cpu_clip) == []
+        assert "forward" not in cpu_clip.vision_model.__dict__ and "forward" not in cpu_clip.text_model.__dict__
+        assert {name: tensor.data_ptr() for name, tensor in cpu_clip.state_dict().items()} == before
+    finally:
+        enable_cuda_graphs(cpu_clip, "auto")
 
 
 @pytest.mark.parametrize(("cuda_graphs", "shown"), [(True, "True"), ((1, 8), r"\(1, 8\)")])
@@ -236,6 +254,8 @@ def test_runner_matches_the_model_for_every_batch_size(name):
         torch.testing.assert_close(out.pooler_output, expected.pooler_output, rtol=1e-2, atol=2e-3)
     # 3 went to bucket 4 and 2 to bucket 4 as well; 11 exceeds the largest bucket and ran eagerly.
     assert sorted(key[0] for key in runner.captured) == [1, 4, 8], runner.why_eager(_pixels(1, torch.float16))
+    if name == "vitriton":  # the runner's warm-ups set off no automatic graph; batch 11 ran eagerly twice
+        assert {key[0] for key in model.vision_model.auto_graphs.captured} <= {11}
 
 
 @pytest.mark.gpu
@@ -282,9 +302,11 @@ def test_runner_pads_token_ids_for_the_vitriton_text_tower():
     assert [key[0] for key in runner.captured] == [4]
 
 
-def _build(family: str, kind: str, dtype: torch.dtype):
+def _build(family: str, kind: str, dtype: torch.dtype, cuda_graphs="auto"):
     hf = models.clip_model() if family == "clip" else models.siglip_model()
-    return vitriton.from_transformers(hf, device="cuda", dtype=dtype, tower=None if kind == "full" else kind)
+    return vitriton.from_transformers(
+        hf, device="cuda", dtype=dtype, tower=None if kind == "full" else kind, cuda_graphs=cuda_graphs
+    )
 
 
 def _call(model, family: str, kind: str, batch: int, seed: int, dtype: torch.dtype):
@@ -325,7 +347,7 @@ def _assert_same(graphed, plain, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("kind", ["vision", "text", "full"])
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_cuda_graphs_match_the_plain_model(family, kind, dtype):
-    plain = _build(family, kind, dtype)
+    plain = _build(family, kind, dtype, cuda_graphs=False)
     graphed = enable_cuda_graphs(_build(family, kind, dtype), (1, 4, 8))
     runners = cuda_graph_runners(graphed)
     assert len(runners) == (2 if kind == "full" else 1)
@@ -346,7 +368,7 @@ def test_cuda_graphs_give_each_call_its_own_result(family):
     """Two different inputs in a row through the same graph: each result is its own input's, and the first is not
     overwritten by the second replay."""
     plain, graphed = (
-        _build(family, "full", torch.float32),
+        _build(family, "full", torch.float32, cuda_graphs=False),
         enable_cuda_graphs(_build(family, "full", torch.float32), True),
     )
     with torch.inference_mode():
@@ -402,7 +424,8 @@ def test_enable_cuda_graphs_again_replaces_the_graphs():
     enable_cuda_graphs(model, (4,))
     (runner,) = cuda_graph_runners(model)
     assert runner is not first and first.captured == [] and runner.batch_sizes == (4,)
-    assert runner.forward.__func__ is type(model.vision_model).forward  # the class forward, not the old runner
+    # The class's eager forward (under the automatic graphs' wrapper), not the old runner.
+    assert runner.forward.__func__ is type(model.vision_model).forward.__wrapped__
 
 
 @pytest.mark.gpu
@@ -427,7 +450,7 @@ def test_runner_rejects_a_model_on_the_cpu():
 
 @pytest.mark.gpu
 def test_cuda_graphs_run_output_attentions_eagerly_and_replay_return_dict_false():
-    plain = _build("clip", "vision", torch.float32)
+    plain = _build("clip", "vision", torch.float32, cuda_graphs=False)
     model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (4,))
     runner = cuda_graph_runners(model)[0]
     pixels = _pixels(3)
@@ -446,7 +469,7 @@ def test_cuda_graphs_run_output_attentions_eagerly_and_replay_return_dict_false(
 
 @pytest.mark.gpu
 def test_cuda_graphs_leave_autocast_calls_to_the_eager_path():
-    plain = _build("clip", "vision", torch.float32)
+    plain = _build("clip", "vision", torch.float32, cuda_graphs=False)
     model = enable_cuda_graphs(_build("clip", "vision", torch.float32), (2,))
     pixels = _pixels(2)
     with torch.inference_mode():
@@ -459,3 +482,168 @@ def test_cuda_graphs_leave_autocast_calls_to_the_eager_path():
     assert not torch.equal(bf16, fp32)
     torch.testing.assert_close(bf16, expected, rtol=0, atol=0)
     assert len(cuda_graph_runners(model)[0].captured) == 1  # the fp32 call's graph only
+
+
+# Automatic graphs (the default).
+
+
+def test_towers_start_with_automatic_graphs_and_enable_cuda_graphs_switches_them(cpu_clip):
+    towers = [cpu_clip.vision_model, cpu_clip.text_model]
+    assert all(tower.auto_graphs.enabled for tower in towers)
+    try:
+        assert enable_cuda_graphs(cpu_clip, False) is cpu_clip
+        assert not any(tower.auto_graphs.enabled for tower in towers)
+    finally:
+        enable_cuda_graphs(cpu_clip, "auto")
+    assert all(tower.auto_graphs.enabled for tower in towers)
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("off", False), ("1", True), ("auto", True), ("", True)])
+def test_vitriton_cuda_graphs_sets_the_default(monkeypatch, value, enabled):
+    monkeypatch.setenv("VITRITON_CUDA_GRAPHS", value)
+    assert AutoGraphs().enabled is enabled
+
+
+def test_vitriton_cuda_graphs_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("VITRITON_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="VITRITON_CUDA_GRAPHS='sometimes'; expected auto"):
+        AutoGraphs()
+
+
+def test_auto_graphs_say_why_a_call_runs_eagerly(cpu_clip):
+    vision = cpu_clip.vision_model
+    pixels = models.pixels(1, models.CLIP_VISION["image_size"])
+    assert "not on a CUDA device" in vision.auto_graphs.why_eager(vision, pixels)
+    handle = vision.encoder.layers[0].mlp.register_forward_hook(lambda *args: None)
+    try:
+        assert "MLP in the tower has hooks" in vision.auto_graphs.why_eager(vision, pixels)
+    finally:
+        handle.remove()
+    weight = vision.post_layernorm.weight
+    weight.requires_grad_(True)
+    try:
+        assert "grad is on and parameters require grad" in vision.auto_graphs.why_eager(vision, pixels)
+        with torch.no_grad():
+            assert "not on a CUDA device" in vision.auto_graphs.why_eager(vision, pixels)
+    finally:
+        weight.requires_grad_(False)
+
+
+def test_copies_and_pickles_of_a_tower_keep_the_setting_but_no_graphs(cpu_clip):
+    vision = cpu_clip.vision_model
+    copied = copy.deepcopy(vision)
+    assert copied.auto_graphs is not vision.auto_graphs and copied.auto_graphs.enabled
+    restored = pickle.loads(pickle.dumps(AutoGraphs(enabled=False)))
+    assert not restored.enabled and restored.captured == []
+
+
+def test_automatic_runners_bind_calls_to_the_towers_own_parameters(cpu_clip):
+    vision, text = cpu_clip.vision_model, cpu_clip.text_model
+    for tower, first in ((vision, "pixel_values"), (text, "input_ids")):
+        forward = graphs._TowerForward(tower, type(tower).forward.__wrapped__)
+        bound = inspect.signature(forward).bind(torch.ones(1, 2), output_hidden_states=True)
+        assert list(bound.arguments) == [first, "output_hidden_states"]
+
+
+def _towers(model) -> list[Tower]:
+    return [module for module in model.modules() if isinstance(module, Tower)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["vision", "text", "full"])
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_auto_graphs_replay_repeated_calls_with_the_eager_results(family, kind):
+    dtype = torch.bfloat16
+    plain = _build(family, kind, dtype, cuda_graphs=False)
+    model = _build(family, kind, dtype)
+    with torch.no_grad():
+        for batch, seed in ((1, 1), (1, 2), (3, 3), (1, 4), (3, 5), (3, 6)):
+            expected = _call(plain, family, kind, batch, seed, dtype)
+            ours = _call(model, family, kind, batch, seed, dtype)
+            for part in expected:  # the same kernels on the same shapes: the same values
+                _assert_same(ours[part], expected[part], dtype)
+                for got, want in zip(ours[part].values(), expected[part].values(), strict=True):
+                    if isinstance(want, torch.Tensor):
+                        assert torch.equal(got, want), (batch, seed, part)
+    for tower in _towers(model):
+        assert {key[0] for key in tower.auto_graphs.captured} == {1, 3}, tower.auto_graphs.why_eager(
+            tower, *_call_arguments(tower, family)
+        )
+    assert all(tower.auto_graphs.captured == [] for tower in _towers(plain))
+
+
+def _call_arguments(tower, family: str) -> tuple:
+    if isinstance(tower, vitriton.encoders.trunk.VisionTransformer):
+        size = models.CLIP_VISION["image_size"] if family == "clip" else models.SIGLIP_VISION["image_size"]
+        return (_pixels(1, torch.bfloat16, size=size),)
+    return (_text(1)[0],)
+
+
+@pytest.mark.gpu
+def test_auto_graphs_step_aside_for_hooks_grad_big_calls_and_replaced_weights(monkeypatch):
+    model = _build("clip", "vision", torch.float32)
+    plain = _build("clip", "vision", torch.float32, cuda_graphs=False)
+    tower = model.vision_model
+    pixels = _pixels(2)
+
+    def run(module):
+        with torch.no_grad():
+            return module(pixels).pooler_output
+
+    for _ in range(3):
+        out = run(model)
+    assert len(tower.auto_graphs.captured) == 1
+    torch.testing.assert_close(out, run(plain), rtol=0, atol=0)
+    seen = []
+    handle = tower.encoder.layers[1].register_forward_hook(lambda *args: seen.append(1))
+    run(model)
+    handle.remove()
+    assert seen == [1]  # the hook ran: that call was eager
+    tower.post_layernorm.weight.requires_grad_(True)
+    assert model(pixels).pooler_output.grad_fn is not None  # grad on: eager, with autograd
+    tower.post_layernorm.weight.requires_grad_(False)
+    # A replaced parameter drops the graphs; the next calls follow the new weights.
+    for module in (model, plain):
+        weight = module.vision_model.post_layernorm.weight
+        module.vision_model.post_layernorm.weight = torch.nn.Parameter(weight * 2, requires_grad=False)
+    for _ in range(3):
+        out = run(model)
+    assert len(tower.auto_graphs.captured) == 1
+    torch.testing.assert_close(out, run(plain), rtol=0, atol=0)
+    # So is eager_mode: the reference ops run, not the captured kernels.
+    with torch.no_grad(), eager_mode():
+        reference = model(pixels).pooler_output
+    torch.testing.assert_close(reference, out, rtol=1e-4, atol=1e-4)
+    # A config default read by the forward is part of the graph's identity.
+    tower.config.output_hidden_states = True
+    try:
+        with torch.no_grad():
+            assert len(model(pixels).hidden_states) == 3
+    finally:
+        tower.config.output_hidden_states = False
+    # Past AUTO_MAX_TOKENS every call is eager.
+    monkeypatch.setattr(graphs, "AUTO_MAX_TOKENS", 8)
+    enable_cuda_graphs(model, "auto")
+    for _ in range(3):
+        run(model)
+    assert tower.auto_graphs.captured == []
+    assert "AUTO_MAX_TOKENS" in tower.auto_graphs.why_eager(tower, pixels)
+
+
+@pytest.mark.gpu
+def test_auto_graphs_serve_calls_from_another_stream():
+    model = _build("clip", "vision", torch.float32)
+    plain = _build("clip", "vision", torch.float32, cuda_graphs=False)
+    first, second = _pixels(2, seed=1), _pixels(2, seed=2)
+    side = torch.cuda.Stream()
+    with torch.no_grad():
+        for _ in range(2):
+            model(first)
+        a = model(first).pooler_output
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            b = model(second).pooler_output
+        torch.cuda.current_stream().wait_stream(side)
+        torch.testing.assert_close(a, plain(first).pooler_output, rtol=0, atol=0)
+        torch.testing.assert_close(b, plain(second).pooler_output, rtol=0, atol=0)
+    assert len(model.vision_model.auto_graphs.captured) == 1

@@ -1,4 +1,4 @@
-"""CUDA graphs for the encoders: ``enable_cuda_graphs(model, cuda_graphs)``, and the runner under it.
+"""CUDA graphs for the encoders: automatic by default, ``enable_cuda_graphs(model, cuda_graphs)``, and the runner.
 
 At batch 1 an encoder forward is hundreds of small kernels, and the CPU cannot launch them as fast as an
 H100 runs them, so latency is launch-bound. A captured CUDA graph replays the whole forward from one launch.
@@ -29,24 +29,50 @@ Trade-offs:
   (shapes, dtypes, options) guarantees they still hold; value checks that run on the device (token ids in
   range, an async assert) are captured and replay with the graph.
 - A graph records parameter addresses: weights may be updated in place, but not replaced; call ``reset``.
+
+Automatic graphs (the default, ``cuda_graphs="auto"``; :class:`AutoGraphs`): every tower replays its small calls
+from graphs without being asked, so a plain ``model(pixel_values)`` at batch 1 is not launch-bound. A call is
+captured the second time its exact shape and options come (the first runs eagerly, compiling and autotuning),
+without padding, so a replay runs the very kernels the eager call runs and returns the same values. It stays
+eager where a graph could differ from the eager call or cannot be made safe: on the CPU, above
+``AUTO_MAX_TOKENS`` tokens a call (compute-bound), past ``AUTO_MAX_GRAPHS`` shapes, under tensor parallelism,
+while any submodule of the tower or the process has a hook, while grad is on and parameters require it, and for
+the reasons of :func:`eager_reason`. Replaced or moved parameters (``.to()``, ``.half()``, a new Parameter) drop
+the tower's graphs. ``cuda_graphs=False`` or ``VITRITON_CUDA_GRAPHS=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+import operator
+import os
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from vitriton.encoders.trunk import TextTransformer, VisionTransformer
+from torch.nn.modules import module as _module
 
 # Powers of two up to 128: padding wastes at most half a bucket, and graphs are captured lazily, so buckets
 # a workload never reaches cost nothing. Past 128 rows an encoder is compute-bound and runs eagerly.
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Automatic graphs: the largest call (batch x tokens) they capture, and how many shapes a tower keeps. A plain
+# ViT-L/14-336 forward costs the host about 5-9 ms (about 30 us for each of 177 launches, issue 9), which its
+# GPU work passes at roughly 10-30 images (5,800-17,000 tokens); 16,384 tokens keeps the pool's activations under
+# half a GiB for every reference model but bigG.
+AUTO_MAX_TOKENS = 16384
+AUTO_MAX_GRAPHS = 8
+AUTO_CAPTURE_AT = 2  # the call of a shape that captures it: the first compiles and autotunes, eagerly
+CUDA_GRAPHS_MODES = ("auto", True, False)
 
 
 def normalize_batch_sizes(batch_sizes: Iterable[int], name: str = "batch_sizes") -> tuple[int, ...]:
@@ -60,13 +86,15 @@ def normalize_batch_sizes(batch_sizes: Iterable[int], name: str = "batch_sizes")
     return tuple(sorted(set(sizes)))
 
 
-def cuda_graph_buckets(cuda_graphs: bool | Sequence[int]) -> tuple[int, ...] | None:
-    """The buckets ``cuda_graphs`` asks for: None for False, the defaults for True, else the given sizes."""
+def cuda_graph_buckets(cuda_graphs: str | bool | Sequence[int]) -> tuple[int, ...] | None:
+    """The buckets ``cuda_graphs`` asks for: None for "auto" and False, the defaults for True, else the sizes."""
     if isinstance(cuda_graphs, bool):
         return DEFAULT_BATCH_SIZES if cuda_graphs else None
+    if cuda_graphs == "auto":
+        return None
     if isinstance(cuda_graphs, (str, bytes)) or not isinstance(cuda_graphs, Iterable):
         raise TypeError(
-            f"cuda_graphs={cuda_graphs!r}; expected True, False or a sequence of batch sizes such as (1, 8, 32)"
+            f"cuda_graphs={cuda_graphs!r}; expected 'auto', True, False or a sequence of batch sizes such as (1, 8, 32)"
         )
     return normalize_batch_sizes(cuda_graphs, name="cuda_graphs")
 
@@ -123,8 +151,8 @@ def _freeze(value: Any) -> Any:
 
 def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | None:
     """Why a call with these named arguments must run eagerly instead of from a graph, or None if it can replay."""
-    if torch.compiler.is_compiling():
-        return "torch.compile is tracing the call"
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return "torch.compile, torch.export or torch.jit is tracing the call"
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "another CUDA graph is being captured"
     if arguments.get("output_attentions"):
@@ -145,6 +173,8 @@ def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | No
     if not tensors:
         return "no tensor argument"
     for name, tensor in tensors.items():
+        if type(tensor) not in (torch.Tensor, nn.Parameter):
+            return f"{name} is a {type(tensor).__name__}, a tensor subclass; graphs copy plain tensors"
         if tensor.device != device:
             return f"{name} is on {tensor.device}; the model is on {device}"
         if tensor.dim() == 0:
@@ -176,6 +206,19 @@ class _Captured:
                 self.kwargs[name][: value.shape[0]].copy_(value)
 
 
+STALE = object()  # CUDAGraphRunner.replay's answer when its check rejects the replay
+
+
+@dataclass
+class _Call:
+    """A call a graph can serve, in canonical form (defaults filled in)."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    batch: int
+    named: dict[str, Any]  # every argument by name (``**kwargs`` spread out)
+
+
 class CUDAGraphRunner:
     """Runs ``model`` from CUDA graphs, one per batch-size bucket, captured on first use.
 
@@ -184,21 +227,26 @@ class CUDAGraphRunner:
     default out, finds the same graph. Tensor arguments are batch-first; every other argument
     (``output_hidden_states=True``, ...) is part of the graph's identity, so each combination is captured
     once per bucket. Graphs replay in inference mode; the returned tensors are ordinary copies. Calls a graph
-    cannot serve (see :func:`eager_reason`) run ``forward`` eagerly.
+    cannot serve (see :func:`eager_reason`) run ``forward`` eagerly. ``batch_sizes=None`` gives every batch size
+    a graph of its own (no padding).
 
     ``forward`` is what is captured, by default ``model`` itself; ``enable_cuda_graphs`` passes the tower's
     own class forward, since the runner takes the instance's ``forward``. ``pool`` shares one graph memory
-    pool between runners that never replay at the same time (the towers of one model).
+    pool between runners that never replay at the same time (the towers of one model). ``context``, when given,
+    returns a hashable of the state outside the arguments that the forward reads (the config's output options),
+    which is part of each graph's identity too. Calls from several threads or streams are served one at a time,
+    each stream waiting for the previous call's copies.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+        batch_sizes: Iterable[int] | None = DEFAULT_BATCH_SIZES,
         *,
         warmup: int = 2,
         forward: Callable[..., Any] | None = None,
         pool: tuple[int, int] | None = None,
+        context: Callable[[], Hashable] | None = None,
     ):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDAGraphRunner needs a CUDA device; torch.cuda.is_available() is False here")
@@ -208,16 +256,19 @@ class CUDAGraphRunner:
             raise RuntimeError(f"CUDAGraphRunner needs the model on a CUDA device; its parameters are on {device}")
         if warmup < 1:
             raise ValueError(f"warmup is {warmup}; capture needs at least 1 eager call to compile and autotune")
-        self.model = model
+        # The model itself is not kept: a runner inside its own tower (automatic graphs) must not keep it alive.
         self.forward = model if forward is None else forward
         # A module's own signature is its __call__'s (*args, **kwargs); binding needs forward's parameters.
         self.signature = inspect.signature(model.forward if forward is None else forward)
         self.device = device
-        self.batch_sizes = normalize_batch_sizes(batch_sizes)
+        self.batch_sizes = None if batch_sizes is None else normalize_batch_sizes(batch_sizes)
         self.warmup = warmup
+        self.context = context
         self._graphs: dict[tuple, _Captured] = {}
         self._shared_pool = pool
         self._pool = pool
+        self._lock = threading.Lock()
+        self._stream: torch.cuda.Stream | None = None  # the stream of the last replay's copies
 
     @property
     def captured(self) -> list[tuple]:
@@ -231,29 +282,28 @@ class CUDAGraphRunner:
         self._pool = self._shared_pool
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = self._bind(args, kwargs)
+        call = self.bind(args, kwargs)
         if call is None:
             return self.forward(*args, **kwargs)
-        args, kwargs, batch = call
-        bucket = bucket_for(batch, self.batch_sizes)
+        bucket = self.bucket(call.batch)
         if bucket is None:
             return self.forward(*args, **kwargs)
-        with torch.inference_mode(), torch.cuda.device(self.device):
-            captured = self._graph(bucket, args, kwargs)
-            captured.load(args, kwargs)
-            captured.graph.replay()
-        # Copied after leaving the runner's inference mode: ordinary tensors unless the caller is in inference mode.
-        return take_rows(captured.outputs, batch, bucket)
+        with torch.inference_mode():
+            captured = self.graph(bucket, call)
+        return self.replay(captured, call, bucket)
+
+    def bucket(self, batch: int) -> int | None:
+        """The graph size that serves ``batch`` rows (``batch`` itself without buckets), or None for none."""
+        return batch if self.batch_sizes is None else bucket_for(batch, self.batch_sizes)
 
     def capture(self, *args: Any, **kwargs: Any) -> None:
         """Capture every bucket ahead of traffic, from example inputs of any batch size shaped like real ones."""
-        call = self._bind(args, kwargs)
+        call = self.bind(args, kwargs)
         if call is None:
             raise ValueError(f"cannot capture this call: {self.why_eager(*args, **kwargs)}")
-        args, kwargs, _ = call
         with torch.inference_mode():
-            for bucket in self.batch_sizes:
-                self._graph(bucket, args, kwargs)
+            for bucket in self.batch_sizes or (call.batch,):
+                self.graph(bucket, call)
 
     def why_eager(self, *args: Any, **kwargs: Any) -> str | None:
         """Why this call would run eagerly rather than from a graph (None when it replays, or would, if its
@@ -264,8 +314,8 @@ class CUDAGraphRunner:
             return f"the arguments do not match the forward's signature ({err})"
         return eager_reason(_named(bound), self.device)
 
-    def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[tuple, dict[str, Any], int] | None:
-        """The call in canonical form (defaults filled in) with its batch size, or None if it must run eagerly."""
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Call | None:
+        """The call in canonical form with its batch size, or None if it must run eagerly."""
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError:
@@ -275,9 +325,11 @@ class CUDAGraphRunner:
         if eager_reason(named, self.device) is not None:
             return None
         batch = next(v.shape[0] for v in named.values() if isinstance(v, torch.Tensor))
-        return bound.args, bound.kwargs, batch
+        return _Call(bound.args, bound.kwargs, batch, named)
 
-    def _key(self, bucket: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple:
+    def key(self, bucket: int, call: _Call) -> tuple:
+        """The identity of the graph that serves ``call`` at ``bucket`` rows."""
+
         def signature(value: Any) -> Any:
             if isinstance(value, torch.Tensor):
                 return ("tensor", tuple(value.shape[1:]), value.dtype)
@@ -285,16 +337,39 @@ class CUDAGraphRunner:
 
         return (
             bucket,
-            tuple(signature(v) for v in args),
-            tuple(sorted((name, signature(v)) for name, v in kwargs.items())),
+            tuple(signature(v) for v in call.args),
+            tuple(sorted((name, signature(v)) for name, v in call.kwargs.items())),
+            None if self.context is None else self.context(),
         )
 
-    def _graph(self, bucket: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Captured:
-        key = self._key(bucket, args, kwargs)
+    def graph(self, bucket: int, call: _Call, key: tuple | None = None) -> _Captured:
+        """The graph for ``call`` at ``bucket`` rows, captured now if it is new (call in inference mode)."""
+        key = self.key(bucket, call) if key is None else key
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[key] = self._capture(bucket, args, kwargs)
+            with self._lock:  # two threads meeting a new shape capture it once, one after the other
+                captured = self._graphs.get(key)
+                if captured is None:
+                    captured = self._graphs[key] = self._capture(bucket, call.args, call.kwargs)
         return captured
+
+    def replay(
+        self, captured: _Captured, call: _Call, bucket: int, check: Callable[[], str | None] | None = None
+    ) -> Any:
+        """Load ``call``'s tensors, replay, and return copies of its rows of the outputs; or ``STALE`` when
+        ``check``, run on the host while the GPU replays, gives a reason the result must not be used."""
+        with self._lock, torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream()
+            if self._stream is not None and self._stream != stream:
+                stream.wait_stream(self._stream)  # the last call's copies out of the static outputs
+            self._stream = stream
+            with torch.inference_mode():
+                captured.load(call.args, call.kwargs)
+                captured.graph.replay()
+            if check is not None and check() is not None:
+                return STALE
+            # Copied after leaving inference mode: ordinary tensors unless the caller is in inference mode.
+            return take_rows(captured.outputs, call.batch, bucket)
 
     def _capture(self, bucket: int, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Captured:
         def static(value: Any) -> Any:
@@ -302,7 +377,7 @@ class CUDAGraphRunner:
 
         static_args = [static(v) for v in args]
         static_kwargs = {name: static(v) for name, v in kwargs.items()}
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device), _capturing():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -312,9 +387,23 @@ class CUDAGraphRunner:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: another thread's CUDA calls during the capture neither fail nor break it.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 outputs = self.forward(*static_args, **static_kwargs)
         return _Captured(graph, static_args, static_kwargs, outputs)
+
+
+_local = threading.local()  # depth of CUDAGraphRunner captures (warm-up included) on this thread
+
+
+@contextlib.contextmanager
+def _capturing():
+    """Marks a runner's warm-up and capture, so automatic graphs inside the captured model stay out of it."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
 
 
 def _named(bound: inspect.BoundArguments) -> dict[str, Any]:
@@ -329,8 +418,227 @@ def _named(bound: inspect.BoundArguments) -> dict[str, Any]:
     return named
 
 
-def check_cuda_graphs(model: nn.Module, cuda_graphs: bool | Sequence[int]) -> tuple[int, ...] | None:
-    """The buckets ``cuda_graphs`` asks for (None for False), once the model is known to be on a CUDA device."""
+def auto_default() -> bool:
+    """Whether towers start with automatic graphs on: yes unless ``VITRITON_CUDA_GRAPHS`` is 0, false, off or no."""
+    value = os.environ.get("VITRITON_CUDA_GRAPHS", "auto").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes", "auto"):
+        return True
+    raise ValueError(f"VITRITON_CUDA_GRAPHS={value!r}; expected auto (the default), 1 or 0")
+
+
+# Bumped whenever any module registers a submodule, parameter or buffer (torch's global registration hooks), so
+# a tower's cached lists of its modules and tensors are rebuilt only then; installed on the first automatic call.
+_structure = {"version": 0, "hooked": False}
+
+
+def _registered(module: nn.Module, name: str, value: Any) -> None:
+    _structure["version"] += 1
+
+
+def _watch_registrations() -> None:
+    if not _structure["hooked"]:
+        _module.register_module_module_registration_hook(_registered)
+        _module.register_module_parameter_registration_hook(_registered)
+        _module.register_module_buffer_registration_hook(_registered)
+        _structure["hooked"] = True
+
+
+_parameters_of = operator.attrgetter("_parameters")
+_buffers_of = operator.attrgetter("_buffers")
+_values = operator.methodcaller("values")
+_not_none = functools.partial(operator.is_not, None)
+_requires_grad = operator.attrgetter("requires_grad")
+_HOOKS = tuple(
+    operator.attrgetter(name)
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+)
+
+
+def _tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Every parameter and buffer the modules hold, read from their dicts (C-level iteration: it runs per call)."""
+    chain = itertools.chain.from_iterable
+    tensors = list(filter(_not_none, chain(map(_values, map(_parameters_of, modules)))))
+    tensors += filter(_not_none, chain(map(_values, map(_buffers_of, modules))))
+    return tensors
+
+
+def _global_hooks() -> bool:
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
+
+
+class _TowerForward:
+    """The tower's eager forward, holding the tower weakly (the runner lives in the tower)."""
+
+    def __init__(self, tower: nn.Module, forward: Callable[..., Any]):
+        self.tower = weakref.ref(tower)
+        self.function = forward
+        # The runner binds calls to this: the forward's own parameters, not (*args, **kwargs).
+        self.__signature__ = inspect.signature(forward.__get__(tower))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.tower(), *args, **kwargs)
+
+
+class AutoGraphs:
+    """A tower's automatic CUDA graphs (module docstring): ``tower.auto_graphs``, consulted by its forward.
+
+    ``enabled`` turns them on or off for this tower; ``reset()`` frees the graphs and their memory pool;
+    ``captured`` lists the shapes captured; ``why_eager(tower, *args, **kwargs)`` says why a call would run
+    eagerly (None when it replays or will). Copies and pickles of a tower start with no graphs.
+    """
+
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = auto_default() if enabled is None else bool(enabled)
+        self.reset()
+
+    def __reduce__(self):
+        return AutoGraphs, (self.enabled,)
+
+    def reset(self) -> None:
+        self._runner: CUDAGraphRunner | None = None
+        self._calls: dict[tuple, int] = {}  # eager calls seen per graph key
+        self._failed: set[tuple] = set()  # keys whose capture raised: they stay eager
+        self._fingerprint: tuple | None = None
+        self._version = -1
+        self._modules: list[nn.Module] = []  # the tower's submodules, the tower left out
+        self._tensors: list[torch.Tensor] = []  # their parameters and buffers
+        self._ids: list[int] = []
+
+    @property
+    def captured(self) -> list[tuple]:
+        return [] if self._runner is None else self._runner.captured
+
+    def __call__(self, tower: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Runs ``forward(tower, *args, **kwargs)``, from a graph when it can."""
+        if not torch.cuda.is_available():
+            return forward(tower, *args, **kwargs)
+        plan = self._plan(tower, forward, args, kwargs)
+        if isinstance(plan, str):
+            return forward(tower, *args, **kwargs)
+        runner, call, key, count = plan
+        if key not in runner._graphs:
+            if count < AUTO_CAPTURE_AT or len(runner._graphs) >= AUTO_MAX_GRAPHS or self._unsafe(tower):
+                return forward(tower, *args, **kwargs)
+            try:
+                with torch.inference_mode():
+                    runner.graph(call.batch, call, key)
+            except Exception as err:  # noqa: BLE001 - an uncapturable call keeps its eager result
+                self._failed.add(key)
+                warnings.warn(
+                    f"vitriton: automatic CUDA graph capture of {type(tower).__name__} failed ({err}); this call "
+                    f"shape runs eagerly from now on (cuda_graphs=False turns the automatic graphs off)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return forward(tower, *args, **kwargs)
+        out = runner.replay(runner._graphs[key], call, call.batch, check=functools.partial(self._unsafe, tower))
+        return forward(tower, *args, **kwargs) if out is STALE else out
+
+    def why_eager(self, tower: nn.Module, *args: Any, **kwargs: Any) -> str | None:
+        self._refresh(tower)
+        unsafe = self._unsafe(tower)
+        if unsafe is not None:
+            return unsafe
+        plan = self._plan(tower, type(tower).forward.__wrapped__, args, kwargs, count=False)
+        return plan if isinstance(plan, str) else None
+
+    def _plan(self, tower, forward, args, kwargs, count: bool = True) -> str | tuple:
+        """The reason to run eagerly, or ``(runner, call, key, calls seen)`` for a call a graph may serve (hooks
+        are checked later, by ``_unsafe``)."""
+        if not self.enabled:
+            return "automatic CUDA graphs are off for this tower"
+        if getattr(_local, "depth", 0):
+            return "a CUDAGraphRunner around the model is warming up or capturing it"
+        fingerprint = self._addresses(tower)
+        if isinstance(fingerprint, str):
+            return fingerprint
+        if fingerprint != self._fingerprint:
+            # First call, or parameters replaced or moved since: graphs would read the old addresses.
+            modules, tensors, ids, version = self._modules, self._tensors, self._ids, self._version
+            self.reset()
+            self._modules, self._tensors, self._ids, self._version = modules, tensors, ids, version
+            self._fingerprint = fingerprint
+        if self._runner is None:
+            if tower.tensor_parallel:
+                return "tensor parallelism: graphs are opt-in there (cuda_graphs=True on every rank)"
+            self._runner = CUDAGraphRunner(tower, None, warmup=1, forward=_TowerForward(tower, forward))
+        runner = self._runner
+        call = runner.bind(args, kwargs)
+        if call is None:
+            return runner.why_eager(*args, **kwargs) or "the arguments do not bind to the forward"
+        tokens = tower.graph_tokens(call.named)
+        if tokens is None or tokens > AUTO_MAX_TOKENS:
+            return f"the call holds more than AUTO_MAX_TOKENS={AUTO_MAX_TOKENS} tokens, or its input is not batch-first"
+        key = runner.key(call.batch, call) + (tower.graph_context(),)
+        if key in self._failed:
+            return "capturing this call shape failed before"
+        if len(self._calls) > 64 * AUTO_MAX_GRAPHS:
+            self._calls.clear()  # many one-off shapes: forget their counts
+        seen = self._calls.get(key, 0) + int(count)
+        self._calls[key] = seen
+        return runner, call, key, seen
+
+    def _refresh(self, tower: nn.Module) -> None:
+        _watch_registrations()
+        if self._version != _structure["version"]:
+            self._modules = [module for module in tower.modules() if module is not tower]
+            self._tensors = _tensors_of(self._modules)
+            self._ids = list(map(id, self._tensors))
+            self._version = _structure["version"]
+
+    def _addresses(self, tower: nn.Module) -> tuple | str:
+        """Before a replay: the device and the addresses of the tower's parameters and buffers (what a graph
+        reads), or why a graph would be wrong."""
+        self._refresh(tower)
+        tensors = self._tensors
+        if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
+            return "grad is on and parameters require grad; graphs replay inference only"
+        if not tensors or not tensors[0].is_cuda:
+            return "the tower is not on a CUDA device"
+        return (tensors[0].get_device(), *map(torch.Tensor.data_ptr, tensors))
+
+    def _unsafe(self, tower: nn.Module) -> str | None:
+        """Why a replay's result must not be used: a hook, which the replay skipped, or a tensor put straight
+        into a module's dict (no registration hook saw it). Runs after the replay is launched, while the GPU
+        runs it; the call then runs eagerly. (A tensor swapped in that way and freed back to the driver before
+        the call would be read by that one replay: assign parameters as attributes.)"""
+        if _global_hooks():
+            return "a global module hook is registered; replays would skip it"
+        for hooks in _HOOKS:
+            if any(map(hooks, self._modules)):
+                hooked = next(module for module in self._modules if hooks(module))
+                return f"a {type(hooked).__name__} in the tower has hooks; replays would skip them"
+        if list(map(id, _tensors_of(self._modules))) != self._ids:
+            self._version = -1
+            return "a parameter or buffer was swapped into a module's dict; the graphs start again"
+        return None
+
+
+def replayable(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates a tower's ``forward`` so that calls go through the tower's :class:`AutoGraphs`."""
+
+    @functools.wraps(forward)
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return forward(self, *args, **kwargs)
+        graphs = self.__dict__.get("auto_graphs")
+        if graphs is None or not graphs.enabled:
+            return forward(self, *args, **kwargs)
+        return graphs(self, forward, args, kwargs)
+
+    return call
+
+
+def check_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int]) -> tuple[int, ...] | None:
+    """The buckets ``cuda_graphs`` asks for (None for "auto" and False), once the model is known to be on a
+    CUDA device when it asks for any."""
     batch_sizes = cuda_graph_buckets(cuda_graphs)
     if batch_sizes is None:
         return None
@@ -342,36 +650,44 @@ def check_cuda_graphs(model: nn.Module, cuda_graphs: bool | Sequence[int]) -> tu
     return batch_sizes
 
 
-def enable_cuda_graphs(model: nn.Module, cuda_graphs: bool | Sequence[int]) -> nn.Module:
-    """Replays the forward of every vision and text tower in ``model`` from CUDA graphs; returns ``model``.
+def enable_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int] = "auto") -> nn.Module:
+    """Sets how every vision and text tower in ``model`` uses CUDA graphs; returns ``model``.
 
-    ``cuda_graphs``: True for the buckets ``DEFAULT_BATCH_SIZES`` (1, 2, 4, ..., 128), a sequence of batch
-    sizes for those buckets, False to return the model unchanged. Towers are vitriton's vision and text
-    transformers, in vitriton's models or in transformers models after :func:`vitriton.patch`. Callers keep
-    calling ``model(...)``, ``get_image_features`` and ``get_text_features``; graphs are captured on first
-    use, one per bucket and per combination of non-tensor arguments, and what a graph cannot serve runs
-    eagerly. Calling it again replaces the graphs. Memory: one pool shared by every graph of the model,
-    about the peak activations of one forward at the largest bucket used, plus each graph's static inputs
-    and outputs; ``for runner in cuda_graph_runners(model): runner.reset()`` frees it.
+    ``cuda_graphs``: "auto" (the default of every tower): small calls replay from graphs captured on their
+    second call, exact shapes only (module docstring); False: every call runs eagerly; True for the buckets
+    ``DEFAULT_BATCH_SIZES`` (1, 2, 4, ..., 128) or a sequence of batch sizes: every call up to the largest
+    bucket replays, padded to its bucket, captured on first use, including under tensor parallelism. Towers
+    are vitriton's vision and text transformers, in vitriton's models or in transformers models after
+    :func:`vitriton.patch`. Callers keep calling ``model(...)``, ``get_image_features`` and
+    ``get_text_features``; what a graph cannot serve runs eagerly. Calling it again replaces the graphs.
+    Memory with buckets: one pool shared by every graph of the model, about the peak activations of one forward
+    at the largest bucket used, plus each graph's static inputs and outputs; "auto" keeps a pool per tower,
+    bounded by ``AUTO_MAX_TOKENS``. ``enable_cuda_graphs(model, False)`` frees them all.
     """
+    from vitriton.encoders.trunk import Tower  # here: the encoders package builds on this module
+
     batch_sizes = check_cuda_graphs(model, cuda_graphs)
-    if batch_sizes is None:
-        return model
-    towers = [module for module in model.modules() if isinstance(module, (VisionTransformer, TextTransformer))]
-    if not towers:
+    towers = [module for module in model.modules() if isinstance(module, Tower)]
+    if batch_sizes is not None and not towers:
         raise ValueError(
             f"cuda_graphs={cuda_graphs!r}: {type(model).__name__} holds no vitriton VisionTransformer or "
             f"TextTransformer; graphs run vitriton's towers (call vitriton.patch on a transformers model first)"
         )
     for runner in cuda_graph_runners(model):
         runner.reset()
-    pool = torch.cuda.graph_pool_handle()
+    pool = None if batch_sizes is None else torch.cuda.graph_pool_handle()
     for tower in towers:
-        eager = type(tower).forward.__get__(tower)
-        tower.forward = CUDAGraphRunner(tower, batch_sizes, forward=eager, pool=pool)
+        tower.auto_graphs.reset()
+        tower.auto_graphs.enabled = cuda_graphs == "auto" and auto_default()
+        if isinstance(tower.__dict__.get("forward"), CUDAGraphRunner):
+            del tower.forward
+        if batch_sizes is not None:
+            eager = type(tower).forward.__wrapped__.__get__(tower)
+            tower.forward = CUDAGraphRunner(tower, batch_sizes, forward=eager, pool=pool, context=tower.graph_context)
     return model
 
 
 def cuda_graph_runners(model: nn.Module) -> list[CUDAGraphRunner]:
-    """The runners ``enable_cuda_graphs`` put on ``model``'s towers (to ``capture`` ahead of time or ``reset``)."""
+    """The runners ``enable_cuda_graphs`` put on ``model``'s towers (to ``capture`` ahead of time or ``reset``);
+    the automatic graphs are each tower's ``auto_graphs``."""
     return [m.forward for m in model.modules() if isinstance(m.__dict__.get("forward"), CUDAGraphRunner)]

@@ -79,7 +79,7 @@ def from_pretrained(
     feature_layers: int | Sequence[int] | None = None,
     num_layers: int | None = None,
     check_inputs: bool | None = None,
-    cuda_graphs: bool | Sequence[int] = False,
+    cuda_graphs: str | bool | Sequence[int] = "auto",
 ) -> nn.Module:
     """Loads the model a checkpoint's config.json names (``architectures``, else ``model_type``: clip, siglip and
     their towers, CLIP's *WithProjection classes) from a local directory or a Hub repo id already in the local
@@ -99,7 +99,9 @@ def from_pretrained(
       ``VITRITON_CHECK_INPUTS`` environment variable).
     - ``prefix``: where the model sits in the checkpoint, when not found on its own.
     - ``feature_layers`` / ``num_layers`` (one tower only): build only the layers those calls can reach.
-    - ``cuda_graphs``: ``True`` or batch-size buckets: replay calls from CUDA graphs (vitriton.graphs).
+    - ``cuda_graphs``: "auto" (default): small calls replay from CUDA graphs captured on their second call;
+      ``True`` or batch-size buckets: every call up to the largest bucket replays; ``False``: none
+      (vitriton.graphs, :func:`vitriton.enable_cuda_graphs`).
     """
     directory = resolve_checkpoint(path)
     config_file = directory / "config.json"

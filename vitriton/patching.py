@@ -44,7 +44,7 @@ def patch(
     *,
     process_group: ProcessGroup | None = None,
     parallel: str = "tensor",
-    cuda_graphs: bool | Sequence[int] = False,
+    cuda_graphs: str | bool | Sequence[int] = "auto",
 ) -> nn.Module:
     """Replaces every transformers CLIP/SigLIP tower in ``model`` by vitriton's, in place, and returns ``model``.
 

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from vitriton.encoders.trunk import Tower, resolve_feature_layers
+from vitriton.graphs import enable_cuda_graphs
 from vitriton.parallel import (
     CheckpointError,
     DataParallel,
@@ -258,7 +259,7 @@ class PretrainedMixin:
         feature_layers: int | Sequence[int] | None = None,
         num_layers: int | None = None,
         check_inputs: bool | None = None,
-        cuda_graphs: bool | Sequence[int] = False,
+        cuda_graphs: str | bool | Sequence[int] = "auto",
     ) -> nn.Module:
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel={parallel!r}; expected one of {PARALLEL_MODES}")
@@ -298,7 +299,7 @@ class PretrainedMixin:
         feature_layers: int | Sequence[int] | None,
         num_layers: int | None,
         check_inputs: bool | None,
-        cuda_graphs: bool | Sequence[int],
+        cuda_graphs: str | bool | Sequence[int],
     ) -> nn.Module:
         """``build`` once ``parallel`` is "tensor" or "data": loads the weights and builds the model."""
         weights = make_weights(dtype, process_group if parallel == "tensor" else None, device)
@@ -335,8 +336,6 @@ class PretrainedMixin:
                         else SameInputs(child, process_group)
                     )
                     setattr(model, name, wrapped)
-        from vitriton.graphs import enable_cuda_graphs  # here: graphs.py builds on the encoders package
-
         return enable_cuda_graphs(model, cuda_graphs)
 
     @classmethod

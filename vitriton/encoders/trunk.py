@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vitriton.kernels._dispatch import autograd_records, eager_mode, interpreting
+from vitriton.graphs import AutoGraphs, replayable
+from vitriton.kernels._dispatch import autograd_records, eager_mode, eager_override, interpreting
 from vitriton.kernels.attention import allowed_keys, attention
 from vitriton.kernels.layernorm import layer_norm
 from vitriton.kernels.linear import check_activation, linear
@@ -399,11 +400,37 @@ def interpreter_guard(dtype: torch.dtype, device: torch.device) -> contextlib.Ab
 
 
 class Tower(nn.Module):
-    """What the vision and text towers share: transformers' output options with their config defaults, and the
-    plan of which layers run and which hidden states are kept."""
+    """What the vision and text towers share: transformers' output options with their config defaults, the
+    plan of which layers run and which hidden states are kept, and automatic CUDA graphs (``auto_graphs``,
+    vitriton.graphs)."""
 
     config: object
     encoder: Encoder
+
+    def __init__(self):
+        super().__init__()
+        self.auto_graphs = AutoGraphs()
+
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether the layers are sharded over a process group of more than one rank."""
+        layers = self.encoder.layers
+        return len(layers) > 0 and get_world_size(layers[0].mlp.fc2.process_group) > 1
+
+    def graph_context(self) -> tuple:
+        """What a forward reads besides its arguments: the config's defaults for the output options, and
+        whether ``eager_mode`` asks for the reference ops."""
+        config = self.config
+        return (
+            eager_override(),
+            getattr(config, "output_hidden_states", False),
+            getattr(config, "output_attentions", False),
+            getattr(config, "return_dict", True),
+        )
+
+    def graph_tokens(self, arguments: dict) -> int | None:
+        """Tokens in a call (batch x sequence), or None when its input is not the usual batch-first tensor."""
+        raise NotImplementedError
 
     def options(
         self,
@@ -690,6 +717,14 @@ class VisionTransformer(Tower):
     def build_head(self, prefix: str, config, weights: Weights) -> nn.Module | None:
         return None
 
+    def graph_tokens(self, arguments: dict) -> int | None:
+        pixels = arguments.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+            return None
+        patch = self.config.patch_size
+        return pixels.shape[0] * (pixels.shape[2] // patch) * (pixels.shape[3] // patch)
+
+    @replayable
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -750,6 +785,11 @@ class TextTransformer(Tower):
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define its pooling")
 
+    def graph_tokens(self, arguments: dict) -> int | None:
+        ids = arguments.get("input_ids")
+        return ids.numel() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+    @replayable
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

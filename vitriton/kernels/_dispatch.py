@@ -45,6 +45,11 @@ def eager_mode(enabled: bool = True) -> Iterator[None]:
         _state.eager = previous
 
 
+def eager_override() -> bool | None:
+    """The innermost ``eager_mode`` of this thread (None outside any)."""
+    return getattr(_state, "eager", None)
+
+
 _eager_env: bool | None = None
 
 
