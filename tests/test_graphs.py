@@ -4,8 +4,10 @@ capture and replay, through ``CUDAGraphRunner`` and ``enable_cuda_graphs``, on a
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -543,6 +545,21 @@ def test_automatic_runners_bind_calls_to_the_towers_own_parameters(cpu_clip):
         forward = graphs._TowerForward(tower, type(tower).forward.__wrapped__)
         bound = inspect.signature(forward).bind(torch.ones(1, 2), output_hidden_states=True)
         assert list(bound.arguments) == [first, "output_hidden_states"]
+
+
+def test_a_deleted_model_is_freed_without_the_garbage_collector():
+    """Its automatic graphs hold no reference back to the tower, so ``del model`` frees the weights at once."""
+    model = vitriton.from_transformers(models.clip_model(), device="cpu")
+    vision = model.vision_model
+    vision.auto_graphs.why_eager(vision, models.pixels(1, models.CLIP_VISION["image_size"]))
+    assert vision.auto_graphs._modules  # its cache of the tower's structure is filled
+    towers = [weakref.ref(vision), weakref.ref(model.text_model)]
+    gc.disable()
+    try:
+        del model, vision
+        assert [tower() for tower in towers] == [None, None]
+    finally:
+        gc.enable()
 
 
 def _towers(model) -> list[Tower]:

@@ -496,6 +496,13 @@ class AutoGraphs:
 
     def __init__(self, enabled: bool | None = None):
         self.enabled = auto_default() if enabled is None else bool(enabled)
+        # The tower's structure, cached until a registration anywhere bumps _structure["version"].
+        self._version = -1
+        # Its submodules (not the tower itself: a reference to it here would be a cycle that keeps a deleted
+        # model's memory until the garbage collector runs), and the parameters and buffers of both.
+        self._modules: list[nn.Module] = []
+        self._tensors: list[torch.Tensor] = []
+        self._ids: list[int] = []
         self.reset()
 
     def __reduce__(self):
@@ -505,11 +512,7 @@ class AutoGraphs:
         self._runner: CUDAGraphRunner | None = None
         self._calls: dict[tuple, int] = {}  # eager calls seen per graph key
         self._failed: set[tuple] = set()  # keys whose capture raised: they stay eager
-        self._fingerprint: tuple | None = None
-        self._version = -1
-        self._modules: list[nn.Module] = []  # the tower's submodules, the tower left out
-        self._tensors: list[torch.Tensor] = []  # their parameters and buffers
-        self._ids: list[int] = []
+        self._fingerprint: tuple | None = None  # the device and tensor addresses the graphs were captured with
 
     @property
     def captured(self) -> list[tuple]:
@@ -561,9 +564,7 @@ class AutoGraphs:
             return fingerprint
         if fingerprint != self._fingerprint:
             # First call, or parameters replaced or moved since: graphs would read the old addresses.
-            modules, tensors, ids, version = self._modules, self._tensors, self._ids, self._version
             self.reset()
-            self._modules, self._tensors, self._ids, self._version = modules, tensors, ids, version
             self._fingerprint = fingerprint
         if self._runner is None:
             if tower.tensor_parallel:
@@ -589,7 +590,7 @@ class AutoGraphs:
         _watch_registrations()
         if self._version != _structure["version"]:
             self._modules = [module for module in tower.modules() if module is not tower]
-            self._tensors = _tensors_of(self._modules)
+            self._tensors = _tensors_of([tower, *self._modules])
             self._ids = list(map(id, self._tensors))
             self._version = _structure["version"]
 
@@ -615,7 +616,7 @@ class AutoGraphs:
             if any(map(hooks, self._modules)):
                 hooked = next(module for module in self._modules if hooks(module))
                 return f"a {type(hooked).__name__} in the tower has hooks; replays would skip them"
-        if list(map(id, _tensors_of(self._modules))) != self._ids:
+        if list(map(id, _tensors_of([tower, *self._modules]))) != self._ids:
             self._version = -1
             return "a parameter or buffer was swapped into a module's dict; the graphs start again"
         return None
