@@ -427,7 +427,7 @@ def test_enable_cuda_graphs_again_replaces_the_graphs():
     (runner,) = cuda_graph_runners(model)
     assert runner is not first and first.captured == [] and runner.batch_sizes == (4,)
     # The class's eager forward (under the automatic graphs' wrapper), not the old runner.
-    assert runner.forward.__func__ is type(model.vision_model).forward.__wrapped__
+    assert runner.forward.function is type(model.vision_model).forward.__wrapped__
 
 
 @pytest.mark.gpu
@@ -542,7 +542,7 @@ def test_copies_and_pickles_of_a_tower_keep_the_setting_but_no_graphs(cpu_clip):
 def test_automatic_runners_bind_calls_to_the_towers_own_parameters(cpu_clip):
     vision, text = cpu_clip.vision_model, cpu_clip.text_model
     for tower, first in ((vision, "pixel_values"), (text, "input_ids")):
-        forward = graphs._TowerForward(tower, type(tower).forward.__wrapped__)
+        forward = graphs._TowerMethod(tower, type(tower).forward.__wrapped__)
         bound = inspect.signature(forward).bind(torch.ones(1, 2), output_hidden_states=True)
         assert list(bound.arguments) == [first, "output_hidden_states"]
 
@@ -560,6 +560,158 @@ def test_a_deleted_model_is_freed_without_the_garbage_collector():
         assert [tower() for tower in towers] == [None, None]
     finally:
         gc.enable()
+
+
+class _FakeGraph:
+    def replay(self) -> None:
+        pass
+
+
+class _FakeRunner(CUDAGraphRunner):
+    """The runner's bookkeeping on the CPU, for the automatic graphs' rules: a "capture" runs the forward once and
+    keeps its outputs, a "replay" returns copies of them, whatever the inputs. A call that replayed therefore
+    returns the captured call's result, and one that ran eagerly its own: the tests tell them apart by that."""
+
+    @staticmethod
+    def device_of(model):
+        return next(model.parameters()).device
+
+    def _capture(self, bucket, args, kwargs):
+        with graphs._capturing():
+            outputs = self.forward(*args, **kwargs)
+        return graphs._Captured(_FakeGraph(), list(args), dict(kwargs), outputs)
+
+    def replay(self, captured, call, bucket, check=None):
+        if check is not None and check() is not None:
+            return graphs.STALE
+        return take_rows(captured.outputs, call.batch, bucket)
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Automatic graphs with the CPU standing in for the GPU and fake graphs; yields a fresh CLIP vision model."""
+    monkeypatch.setattr(AutoGraphs, "device_type", "cpu")
+    monkeypatch.setattr(AutoGraphs, "runner_cls", _FakeRunner)
+    model = vitriton.from_transformers(models.clip_model().vision_model, device="cpu")
+    first, second = (models.pixels(1, models.CLIP_VISION["image_size"], seed=seed) for seed in (1, 2))
+    with eager_mode():  # the reference ops: the rules under test do not depend on the kernels
+        yield model, model.vision_model, first, second
+
+
+def _pooled(model, pixels, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixels, **kwargs).pooler_output
+
+
+def _replays(model, tower, first, second) -> bool:
+    """Captures ``first``'s shape (two calls), then says whether a call with ``second`` replays."""
+    for _ in range(2):
+        _pooled(model, first)
+    return torch.equal(_pooled(model, second), _pooled_eager(tower, first))
+
+
+def _pooled_eager(tower, pixels) -> torch.Tensor:
+    with torch.no_grad():
+        return type(tower).forward.__wrapped__(tower, pixels).pooler_output
+
+
+def test_auto_graphs_capture_a_shape_on_its_second_call(on_cpu):
+    model, tower, first, second = on_cpu
+    _pooled(model, first)
+    assert tower.auto_graphs.captured == []
+    _pooled(model, first)
+    assert len(tower.auto_graphs.captured) == 1
+    assert torch.equal(_pooled(model, second), _pooled_eager(tower, first))  # a (fake) replay
+    assert not torch.equal(_pooled_eager(tower, second), _pooled_eager(tower, first))
+
+
+def test_auto_graphs_count_only_calls_that_returned(on_cpu):
+    model, tower, _, _ = on_cpu
+    wrong_size = models.pixels(1, models.CLIP_VISION["image_size"] + 8)
+    for _ in range(3):  # a graph key like any other, but the forward raises
+        with pytest.raises(ValueError, match="image size"):
+            _pooled(model, wrong_size)
+    assert tower.auto_graphs.captured == [] and tower.auto_graphs._calls == {}
+
+
+def test_auto_graphs_run_eagerly_under_hooks_and_dispatch_modes(on_cpu):
+    model, tower, first, second = on_cpu
+    assert _replays(model, tower, first, second)
+    seen = []
+    handle = tower.encoder.layers[0].mlp.register_forward_hook(lambda *args: seen.append(1))
+    try:
+        assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
+    finally:
+        handle.remove()
+    assert seen == [1, 1]  # the call, then the reference call of the assert
+    assert torch.equal(_pooled(model, second), _pooled_eager(tower, first))  # replays again
+
+    class Logging(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Logging():
+        assert "TorchDispatchMode" in tower.auto_graphs.why_eager(tower, second)
+        assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
+
+
+@pytest.mark.parametrize("change", ["parametrize", "instance_forward", "delete_layer", "replace_parameter"])
+def test_auto_graphs_start_again_after_python_level_changes(on_cpu, change):
+    model, tower, first, second = on_cpu
+    assert _replays(model, tower, first, second)
+    layer_norm = tower.post_layernorm
+    if change == "parametrize":
+
+        class Double(torch.nn.Module):
+            def forward(self, bias):
+                return bias * 2
+
+        torch.nn.utils.parametrize.register_parametrization(layer_norm, "bias", Double())
+    elif change == "instance_forward":
+        plain = layer_norm.forward
+        layer_norm.forward = lambda x, residual=None: tuple(t * 2 for t in plain(x, residual))
+    elif change == "delete_layer":
+        del tower.encoder.layers[-1]
+        tower.encoder.num_hidden_layers -= 1
+    else:
+        layer_norm.bias = torch.nn.Parameter(layer_norm.bias * 2, requires_grad=False)
+    expected = _pooled_eager(tower, second)
+    assert not torch.equal(expected, _pooled_eager(tower, first))
+    for _ in range(3):  # eagerly, not from the stale graph; then captured again, with the change
+        assert torch.equal(_pooled(model, second), expected)
+
+
+def test_auto_graphs_free_their_graphs_when_the_tower_leaves_the_device(on_cpu):
+    model, tower, first, second = on_cpu
+    assert _replays(model, tower, first, second)
+    model.to("meta")
+    assert "not on a CUDA device" in tower.auto_graphs.why_eager(tower, first.to("meta"))
+    assert tower.auto_graphs.captured == []
+
+
+def test_auto_graphs_count_kept_hidden_states_against_the_token_cap(on_cpu):
+    model, tower, first, _ = on_cpu
+    patches = (models.CLIP_VISION["image_size"] // models.CLIP_VISION["patch_size"]) ** 2
+    layers = models.CLIP_VISION["num_hidden_layers"]
+    assert tower.graph_tokens({"pixel_values": first}) == patches
+    assert tower.graph_tokens({"pixel_values": first, "output_hidden_states": True}) == patches * (layers + 2)
+    assert tower.graph_tokens({"pixel_values": first, "feature_layers": [-2, -1]}) == patches * 3
+    assert tower.graph_tokens({"pixel_values": first, "feature_layers": 99}) is None  # the eager call raises
+
+
+def test_graph_keys_tell_equal_values_of_other_types_apart():
+    assert graphs._freeze(1) != graphs._freeze(True) != graphs._freeze(1.0)
+    assert graphs._freeze([1, (2, "a")]) == graphs._freeze((1, [2, "a"]))
+
+
+def test_enable_cuda_graphs_starts_the_automatic_graphs_afresh(on_cpu):
+    model, tower, first, second = on_cpu
+    assert _replays(model, tower, first, second)
+    before = tower.auto_graphs
+    enable_cuda_graphs(model, False)
+    assert tower.auto_graphs is not before and not tower.auto_graphs.enabled
+    assert tower.auto_graphs.captured == [] and tower.auto_graphs._modules == []
+    assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
 
 
 def _towers(model) -> list[Tower]:

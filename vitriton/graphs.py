@@ -35,10 +35,11 @@ from graphs without being asked, so a plain ``model(pixel_values)`` at batch 1 i
 captured the second time its exact shape and options come (the first runs eagerly, compiling and autotuning),
 without padding, so a replay runs the very kernels the eager call runs and returns the same values. It stays
 eager where a graph could differ from the eager call or cannot be made safe: on the CPU, above
-``AUTO_MAX_TOKENS`` tokens a call (compute-bound), past ``AUTO_MAX_GRAPHS`` shapes, under tensor parallelism,
-while any submodule of the tower or the process has a hook, while grad is on and parameters require it, and for
-the reasons of :func:`eager_reason`. Replaced or moved parameters (``.to()``, ``.half()``, a new Parameter) drop
-the tower's graphs. ``cuda_graphs=False`` or ``VITRITON_CUDA_GRAPHS=0`` turns it off.
+``AUTO_MAX_TOKENS`` tokens a call (compute-bound; each hidden state a call returns counts its tokens again), past
+``AUTO_MAX_GRAPHS`` shapes, under tensor parallelism, while any submodule of the tower or the process has a hook,
+while grad is on and parameters require it, and for the reasons of :func:`eager_reason`. Replaced or moved
+parameters (``.to()``, ``.half()``, a new Parameter) and changed modules (a parametrization, a forward set on an
+instance, a deleted layer) drop the tower's graphs. ``cuda_graphs=False`` or ``VITRITON_CUDA_GRAPHS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -60,15 +61,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.overrides import _get_current_function_mode_stack as _function_modes
+from torch.utils._device import DeviceContext
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_modes
 
 # Powers of two up to 128: padding wastes at most half a bucket, and graphs are captured lazily, so buckets
 # a workload never reaches cost nothing. Past 128 rows an encoder is compute-bound and runs eagerly.
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
-# Automatic graphs: the largest call (batch x tokens) they capture, and how many shapes a tower keeps. A plain
-# ViT-L/14-336 forward costs the host about 5-9 ms (about 30 us for each of 177 launches, issue 9), which its
-# GPU work passes at roughly 10-30 images (5,800-17,000 tokens); 16,384 tokens keeps the pool's activations under
-# half a GiB for every reference model but bigG.
+# Automatic graphs: the largest call they capture (batch x tokens, once per hidden state it returns), and how
+# many shapes a tower keeps. A plain ViT-L/14-336 forward costs the host about 5-9 ms (about 30 us for each of 177
+# launches, issue 9), which its GPU work passes at roughly 10-30 images (5,800-17,000 tokens); 16,384 tokens keep
+# a graph's pool activations under half a GiB for every reference model but bigG, and its kept outputs at 32 MB
+# for a hidden size of 1,024 in bf16 (8 graphs: 256 MB).
 AUTO_MAX_TOKENS = 16384
 AUTO_MAX_GRAPHS = 8
 AUTO_CAPTURE_AT = 2  # the call of a shape that captures it: the first compiles and autotunes, eagerly
@@ -146,7 +151,7 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, Mapping):
         return tuple(sorted((key, _freeze(v)) for key, v in value.items()))
     hash(value)
-    return value
+    return type(value), value  # 1, 1.0, True and numpy's 1 hash alike, but the forward tells them apart
 
 
 def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | None:
@@ -155,6 +160,8 @@ def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | No
         return "torch.compile, torch.export or torch.jit is tracing the call"
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "another CUDA graph is being captured"
+    if _dispatch_modes() or any(not isinstance(mode, DeviceContext) for mode in _function_modes()):
+        return "a TorchDispatchMode or TorchFunctionMode is active (make_fx, a logging mode); a replay would bypass it"
     if arguments.get("output_attentions"):
         return "output_attentions=True computes attention weights on the reference path"
     if torch.is_autocast_enabled("cuda"):
@@ -187,6 +194,21 @@ def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | No
     if next(iter(sizes.values())) == 0:
         return "the batch is empty (0 rows)"
     return None
+
+
+class _Guard:
+    """Serialises the replays of the runners that share a memory pool, and orders them across streams: each
+    replay's stream waits for the stream of the previous one, whose copies out of the static outputs (and whose
+    intermediates in the shared pool) must be done first."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.stream: torch.cuda.Stream | None = None
+
+
+# One capture at a time in the process: captures use torch's class-wide capture stream and the caching
+# allocator's capture state, and two towers of a model may meet new shapes in two threads.
+_CAPTURES = threading.RLock()
 
 
 @dataclass
@@ -232,7 +254,8 @@ class CUDAGraphRunner:
 
     ``forward`` is what is captured, by default ``model`` itself; ``enable_cuda_graphs`` passes the tower's
     own class forward, since the runner takes the instance's ``forward``. ``pool`` shares one graph memory
-    pool between runners that never replay at the same time (the towers of one model). ``context``, when given,
+    pool between runners, which then also share one ``guard``, so that they never replay at the same time (the
+    towers of one model). ``context``, when given,
     returns a hashable of the state outside the arguments that the forward reads (the config's output options),
     which is part of each graph's identity too. Calls from several threads or streams are served one at a time,
     each stream waiting for the previous call's copies.
@@ -247,13 +270,9 @@ class CUDAGraphRunner:
         forward: Callable[..., Any] | None = None,
         pool: tuple[int, int] | None = None,
         context: Callable[[], Hashable] | None = None,
+        guard: _Guard | None = None,
     ):
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDAGraphRunner needs a CUDA device; torch.cuda.is_available() is False here")
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
-        if device.type != "cuda":
-            raise RuntimeError(f"CUDAGraphRunner needs the model on a CUDA device; its parameters are on {device}")
+        device = self.device_of(model)
         if warmup < 1:
             raise ValueError(f"warmup is {warmup}; capture needs at least 1 eager call to compile and autotune")
         # The model itself is not kept: a runner inside its own tower (automatic graphs) must not keep it alive.
@@ -267,8 +286,18 @@ class CUDAGraphRunner:
         self._graphs: dict[tuple, _Captured] = {}
         self._shared_pool = pool
         self._pool = pool
-        self._lock = threading.Lock()
-        self._stream: torch.cuda.Stream | None = None  # the stream of the last replay's copies
+        self._guard = _Guard() if guard is None else guard
+
+    @staticmethod
+    def device_of(model: nn.Module) -> torch.device:
+        """The CUDA device of ``model``'s parameters, or a clear error."""
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDAGraphRunner needs a CUDA device; torch.cuda.is_available() is False here")
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        if device.type != "cuda":
+            raise RuntimeError(f"CUDAGraphRunner needs the model on a CUDA device; its parameters are on {device}")
+        return device
 
     @property
     def captured(self) -> list[tuple]:
@@ -347,7 +376,7 @@ class CUDAGraphRunner:
         key = self.key(bucket, call) if key is None else key
         captured = self._graphs.get(key)
         if captured is None:
-            with self._lock:  # two threads meeting a new shape capture it once, one after the other
+            with _CAPTURES:  # two threads meeting a new shape capture it once, one after the other
                 captured = self._graphs.get(key)
                 if captured is None:
                     captured = self._graphs[key] = self._capture(bucket, call.args, call.kwargs)
@@ -358,11 +387,12 @@ class CUDAGraphRunner:
     ) -> Any:
         """Load ``call``'s tensors, replay, and return copies of its rows of the outputs; or ``STALE`` when
         ``check``, run on the host while the GPU replays, gives a reason the result must not be used."""
-        with self._lock, torch.cuda.device(self.device):
+        guard = self._guard
+        with guard.lock, torch.cuda.device(self.device):
             stream = torch.cuda.current_stream()
-            if self._stream is not None and self._stream != stream:
-                stream.wait_stream(self._stream)  # the last call's copies out of the static outputs
-            self._stream = stream
+            if guard.stream is not None and guard.stream != stream:
+                stream.wait_stream(guard.stream)  # the last replay's copies out of its static outputs
+            guard.stream = stream
             with torch.inference_mode():
                 captured.load(call.args, call.kwargs)
                 captured.graph.replay()
@@ -447,21 +477,25 @@ def _watch_registrations() -> None:
 
 _parameters_of = operator.attrgetter("_parameters")
 _buffers_of = operator.attrgetter("_buffers")
-_values = operator.methodcaller("values")
 _not_none = functools.partial(operator.is_not, None)
 _requires_grad = operator.attrgetter("requires_grad")
 _HOOKS = tuple(
     operator.attrgetter(name)
     for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 )
+_dict_of = operator.attrgetter("__dict__")
+_children_of = operator.attrgetter("_modules")
+_has_forward = operator.methodcaller("__contains__", "forward")
 
 
-def _tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
-    """Every parameter and buffer the modules hold, read from their dicts (C-level iteration: it runs per call)."""
-    chain = itertools.chain.from_iterable
-    tensors = list(filter(_not_none, chain(map(_values, map(_parameters_of, modules)))))
-    tensors += filter(_not_none, chain(map(_values, map(_buffers_of, modules))))
-    return tensors
+def _structure_of(modules: list[nn.Module]) -> tuple:
+    """What a forward's Python depends on that no registration hook reports: each module's class, whether the
+    instance has a ``forward`` of its own, and how many children it holds (C-level maps: it runs per call)."""
+    return (
+        *map(type, modules),
+        *map(_has_forward, map(_dict_of, modules)),
+        *map(len, map(_children_of, modules)),
+    )
 
 
 def _global_hooks() -> bool:
@@ -473,14 +507,16 @@ def _global_hooks() -> bool:
     )
 
 
-class _TowerForward:
-    """The tower's eager forward, holding the tower weakly (the runner lives in the tower)."""
+class _TowerMethod:
+    """A method of the tower (its eager forward, its graph context) holding the tower weakly: the runners live in
+    the tower, and a reference back would be a cycle that keeps a deleted model's memory until the garbage
+    collector runs."""
 
-    def __init__(self, tower: nn.Module, forward: Callable[..., Any]):
+    def __init__(self, tower: nn.Module, function: Callable[..., Any]):
         self.tower = weakref.ref(tower)
-        self.function = forward
-        # The runner binds calls to this: the forward's own parameters, not (*args, **kwargs).
-        self.__signature__ = inspect.signature(forward.__get__(tower))
+        self.function = function
+        # The runner binds calls to this: the method's own parameters, not (*args, **kwargs).
+        self.__signature__ = inspect.signature(function.__get__(tower))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(self.tower(), *args, **kwargs)
@@ -494,15 +530,19 @@ class AutoGraphs:
     eagerly (None when it replays or will). Copies and pickles of a tower start with no graphs.
     """
 
+    # What replays on: the CPU tests of these rules set "cpu" and a runner class whose graphs are fakes.
+    device_type = "cuda"
+    runner_cls: type[CUDAGraphRunner] = CUDAGraphRunner
+
     def __init__(self, enabled: bool | None = None):
         self.enabled = auto_default() if enabled is None else bool(enabled)
         # The tower's structure, cached until a registration anywhere bumps _structure["version"].
         self._version = -1
         # Its submodules (not the tower itself: a reference to it here would be a cycle that keeps a deleted
-        # model's memory until the garbage collector runs), and the parameters and buffers of both.
+        # model's memory until the garbage collector runs), and their classes, forwards and children.
         self._modules: list[nn.Module] = []
-        self._tensors: list[torch.Tensor] = []
-        self._ids: list[int] = []
+        self._structure: tuple = ()
+        self._dicts: list[dict] = []  # the parameter and buffer dicts of the tower and its submodules
         self.reset()
 
     def __reduce__(self):
@@ -520,15 +560,18 @@ class AutoGraphs:
 
     def __call__(self, tower: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """Runs ``forward(tower, *args, **kwargs)``, from a graph when it can."""
-        if not torch.cuda.is_available():
+        if self.device_type == "cuda" and not torch.cuda.is_available():
             return forward(tower, *args, **kwargs)
         plan = self._plan(tower, forward, args, kwargs)
         if isinstance(plan, str):
             return forward(tower, *args, **kwargs)
-        runner, call, key, count = plan
+        runner, call, key, returned = plan
         if key not in runner._graphs:
-            if count < AUTO_CAPTURE_AT or len(runner._graphs) >= AUTO_MAX_GRAPHS or self._unsafe(tower):
-                return forward(tower, *args, **kwargs)
+            if returned + 1 < AUTO_CAPTURE_AT or len(runner._graphs) >= AUTO_MAX_GRAPHS or self._unsafe(tower):
+                out = forward(tower, *args, **kwargs)
+                # Counted once it returned: a call that raises (a user's error) is never captured.
+                self._calls[key] = self._calls.get(key, 0) + 1
+                return out
             try:
                 with torch.inference_mode():
                     runner.graph(call.batch, call, key)
@@ -549,12 +592,12 @@ class AutoGraphs:
         unsafe = self._unsafe(tower)
         if unsafe is not None:
             return unsafe
-        plan = self._plan(tower, type(tower).forward.__wrapped__, args, kwargs, count=False)
+        plan = self._plan(tower, type(tower).forward.__wrapped__, args, kwargs)
         return plan if isinstance(plan, str) else None
 
-    def _plan(self, tower, forward, args, kwargs, count: bool = True) -> str | tuple:
-        """The reason to run eagerly, or ``(runner, call, key, calls seen)`` for a call a graph may serve (hooks
-        are checked later, by ``_unsafe``)."""
+    def _plan(self, tower, forward, args, kwargs) -> str | tuple:
+        """The reason to run eagerly, or ``(runner, call, key, eager calls of that key that returned)`` for a
+        call a graph may serve (hooks are checked later, by ``_unsafe``)."""
         if not self.enabled:
             return "automatic CUDA graphs are off for this tower"
         if getattr(_local, "depth", 0):
@@ -569,7 +612,7 @@ class AutoGraphs:
         if self._runner is None:
             if tower.tensor_parallel:
                 return "tensor parallelism: graphs are opt-in there (cuda_graphs=True on every rank)"
-            self._runner = CUDAGraphRunner(tower, None, warmup=1, forward=_TowerForward(tower, forward))
+            self._runner = self.runner_cls(tower, None, warmup=1, forward=_TowerMethod(tower, forward))
         runner = self._runner
         call = runner.bind(args, kwargs)
         if call is None:
@@ -582,44 +625,49 @@ class AutoGraphs:
             return "capturing this call shape failed before"
         if len(self._calls) > 64 * AUTO_MAX_GRAPHS:
             self._calls.clear()  # many one-off shapes: forget their counts
-        seen = self._calls.get(key, 0) + int(count)
-        self._calls[key] = seen
-        return runner, call, key, seen
+        return runner, call, key, self._calls.get(key, 0)
 
     def _refresh(self, tower: nn.Module) -> None:
         _watch_registrations()
         if self._version != _structure["version"]:
             self._modules = [module for module in tower.modules() if module is not tower]
-            self._tensors = _tensors_of([tower, *self._modules])
-            self._ids = list(map(id, self._tensors))
+            self._structure = _structure_of(self._modules)
+            owners = [tower, *self._modules]
+            self._dicts = [*map(_parameters_of, owners), *map(_buffers_of, owners)]
             self._version = _structure["version"]
 
     def _addresses(self, tower: nn.Module) -> tuple | str:
-        """Before a replay: the device and the addresses of the tower's parameters and buffers (what a graph
-        reads), or why a graph would be wrong."""
+        """Before a replay: the device, the modules' structure and the addresses of the parameters and buffers
+        the tower holds now (what a graph reads), or why a graph would be wrong. The tensors are read from the
+        modules' dicts on every call, so a tensor put there directly, which no registration hook reports, is
+        seen before a graph could read freed memory (a module's dict replaced as a whole would not be)."""
         self._refresh(tower)
-        tensors = self._tensors
+        tensors = list(filter(_not_none, itertools.chain.from_iterable(map(dict.values, self._dicts))))
         if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
             return "grad is on and parameters require grad; graphs replay inference only"
-        if not tensors or not tensors[0].is_cuda:
+        if not tensors or tensors[0].device.type != self.device_type:
+            if self._runner is not None:
+                self.reset()  # moved off the GPU: free the graphs, their pool and their buffers now
             return "the tower is not on a CUDA device"
-        return (tensors[0].get_device(), *map(torch.Tensor.data_ptr, tensors))
+        # The structure is one element: compared by identity while no registration rebuilt it, else by value (a
+        # parametrization keeps the tensor at its address but swaps the module's class).
+        return (tensors[0].get_device(), self._structure, *map(torch.Tensor.data_ptr, tensors))
 
     def _unsafe(self, tower: nn.Module) -> str | None:
-        """Why a replay's result must not be used: a hook, which the replay skipped, or a tensor put straight
-        into a module's dict (no registration hook saw it). Runs after the replay is launched, while the GPU
-        runs it; the call then runs eagerly. (A tensor swapped in that way and freed back to the driver before
-        the call would be read by that one replay: assign parameters as attributes.)"""
+        """Why a replay's result must not be used: a hook, which the replay skipped, or a change to the modules
+        that no registration hook reports (a class swapped, a forward set on an instance, a submodule deleted).
+        Runs after the replay is launched, while the GPU runs it; the call then runs eagerly."""
         if _global_hooks():
             return "a global module hook is registered; replays would skip it"
         for hooks in _HOOKS:
             if any(map(hooks, self._modules)):
                 hooked = next(module for module in self._modules if hooks(module))
                 return f"a {type(hooked).__name__} in the tower has hooks; replays would skip them"
-        if list(map(id, _tensors_of([tower, *self._modules]))) != self._ids:
-            self._version = -1
-            return "a parameter or buffer was swapped into a module's dict; the graphs start again"
-        return None
+        if _structure_of(self._modules) == self._structure:
+            return None
+        self._version = -1  # walk the tower again, and capture again: the graphs ran the old Python
+        self._fingerprint = None
+        return "a submodule changed its class, its forward or its children; the graphs start again"
 
 
 def replayable(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -677,14 +725,15 @@ def enable_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int]
     for runner in cuda_graph_runners(model):
         runner.reset()
     pool = None if batch_sizes is None else torch.cuda.graph_pool_handle()
+    guard = _Guard()
     for tower in towers:
-        tower.auto_graphs.reset()
-        tower.auto_graphs.enabled = cuda_graphs == "auto" and auto_default()
+        tower.auto_graphs = AutoGraphs(enabled=cuda_graphs == "auto" and auto_default())  # frees the old graphs
         if isinstance(tower.__dict__.get("forward"), CUDAGraphRunner):
             del tower.forward
         if batch_sizes is not None:
-            eager = type(tower).forward.__wrapped__.__get__(tower)
-            tower.forward = CUDAGraphRunner(tower, batch_sizes, forward=eager, pool=pool, context=tower.graph_context)
+            eager = _TowerMethod(tower, type(tower).forward.__wrapped__)
+            context = _TowerMethod(tower, type(tower).graph_context)
+            tower.forward = CUDAGraphRunner(tower, batch_sizes, forward=eager, pool=pool, context=context, guard=guard)
     return model
 
 

@@ -413,23 +413,50 @@ class Tower(nn.Module):
 
     @property
     def tensor_parallel(self) -> bool:
-        """Whether the layers are sharded over a process group of more than one rank."""
-        layers = self.encoder.layers
-        return len(layers) > 0 and get_world_size(layers[0].mlp.fc2.process_group) > 1
+        """Whether any module (a layer, the token embedding of a tower built without layers) is sharded over a
+        process group of more than one rank."""
+        return any(get_world_size(getattr(module, "process_group", None)) > 1 for module in self.modules())
 
     def graph_context(self) -> tuple:
         """What a forward reads besides its arguments: the config's defaults for the output options, and
         whether ``eager_mode`` asks for the reference ops."""
         config = self.config
+        matmul = torch.backends.cuda.matmul
         return (
             eager_override(),
+            # The switches cuBLAS (fp32 and reduced-precision reductions) and SDPA (SigLIP's head) read per call.
+            torch.get_float32_matmul_precision(),
+            matmul.allow_bf16_reduced_precision_reduction,
+            matmul.allow_fp16_reduced_precision_reduction,
+            torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(),
+            torch.backends.cuda.math_sdp_enabled(),
+            torch.backends.cuda.cudnn_sdp_enabled(),
             getattr(config, "output_hidden_states", False),
             getattr(config, "output_attentions", False),
             getattr(config, "return_dict", True),
         )
 
     def graph_tokens(self, arguments: dict) -> int | None:
-        """Tokens in a call (batch x sequence), or None when its input is not the usual batch-first tensor."""
+        """Tokens a call keeps in a graph's outputs: batch x sequence for each hidden state it returns (the last,
+        and those ``output_hidden_states`` or ``feature_layers`` ask for); None when its input is not the usual
+        batch-first tensor or its options are wrong (the eager call raises the error)."""
+        tokens = self.input_tokens(arguments)
+        if tokens is None:
+            return None
+        try:
+            record, *_ = self.options(
+                arguments.get("output_hidden_states"),
+                arguments.get("output_attentions"),
+                arguments.get("return_dict"),
+                arguments.get("feature_layers"),
+            )
+        except (TypeError, ValueError):
+            return None
+        return tokens * (1 + len(record))
+
+    def input_tokens(self, arguments: dict) -> int | None:
+        """Tokens in a call's input (batch x sequence), or None when it is not the usual batch-first tensor."""
         raise NotImplementedError
 
     def options(
@@ -717,7 +744,7 @@ class VisionTransformer(Tower):
     def build_head(self, prefix: str, config, weights: Weights) -> nn.Module | None:
         return None
 
-    def graph_tokens(self, arguments: dict) -> int | None:
+    def input_tokens(self, arguments: dict) -> int | None:
         pixels = arguments.get("pixel_values")
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
             return None
@@ -785,7 +812,7 @@ class TextTransformer(Tower):
     def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define its pooling")
 
-    def graph_tokens(self, arguments: dict) -> int | None:
+    def input_tokens(self, arguments: dict) -> int | None:
         ids = arguments.get("input_ids")
         return ids.numel() if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
