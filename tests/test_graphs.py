@@ -714,6 +714,38 @@ def test_enable_cuda_graphs_starts_the_automatic_graphs_afresh(on_cpu):
     assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
 
 
+def test_explicit_runners_bind_replay_and_fall_back_on_the_cpu_with_fake_graphs(monkeypatch):
+    """The wiring of ``cuda_graphs=`` buckets without a GPU: each tower's runner binds calls to the tower's own
+    parameters, pads to a bucket, replays (fake), holds its tower weakly and shares one guard with the others."""
+    for name in ("device_of", "_capture", "replay"):
+        monkeypatch.setattr(CUDAGraphRunner, name, _FakeRunner.__dict__[name])
+    monkeypatch.setattr(graphs, "check_cuda_graphs", lambda model, cuda_graphs: cuda_graph_buckets(cuda_graphs))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model = enable_cuda_graphs(vitriton.from_transformers(models.clip_model(), device="cpu"), (2,))
+    vision, text = model.vision_model.forward, model.text_model.forward
+    assert (
+        set(cuda_graph_runners(model)) == {vision, text}
+        and vision._guard is text._guard
+        and not model.vision_model.auto_graphs.enabled
+    )
+    first, second = (models.pixels(1, models.CLIP_VISION["image_size"], seed=seed) for seed in (1, 2))
+    with eager_mode(), torch.no_grad():
+        captured = model.get_image_features(first).pooler_output
+        replayed = model.get_image_features(second).pooler_output  # the fake replay: the first call's result
+        three = model.get_image_features(torch.cat([first, second, second])).pooler_output  # past the bucket
+        assert torch.equal(replayed, captured)
+        torch.testing.assert_close(three[:1], captured, rtol=1e-5, atol=1e-5)  # eager: its own rows
+        assert not torch.allclose(three[1:2], captured, rtol=1e-3, atol=1e-3)
+    assert [key[0] for key in vision.captured] == [2] and text.captured == []
+    towers = [weakref.ref(model.vision_model)]
+    gc.disable()
+    try:
+        del model
+        assert towers[0]() is None
+    finally:
+        gc.enable()
+
+
 def _towers(model) -> list[Tower]:
     return [module for module in model.modules() if isinstance(module, Tower)]
 
