@@ -543,6 +543,7 @@ class AutoGraphs:
         self._modules: list[nn.Module] = []
         self._structure: tuple = ()
         self._dicts: list[dict] = []  # the parameter and buffer dicts of the tower and its submodules
+        self._parallel = False  # sharded over more than one rank
         self.reset()
 
     def __reduce__(self):
@@ -552,7 +553,7 @@ class AutoGraphs:
         self._runner: CUDAGraphRunner | None = None
         self._calls: dict[tuple, int] = {}  # eager calls seen per graph key
         self._failed: set[tuple] = set()  # keys whose capture raised: they stay eager
-        self._fingerprint: tuple | None = None  # the device and tensor addresses the graphs were captured with
+        self._fingerprint: tuple | None = None  # device, structure and tensor addresses the graphs were captured with
 
     @property
     def captured(self) -> list[tuple]:
@@ -602,6 +603,9 @@ class AutoGraphs:
             return "automatic CUDA graphs are off for this tower"
         if getattr(_local, "depth", 0):
             return "a CUDAGraphRunner around the model is warming up or capturing it"
+        self._refresh(tower)
+        if self._parallel:
+            return "tensor parallelism: graphs are opt-in there (cuda_graphs=True on every rank)"
         fingerprint = self._addresses(tower)
         if isinstance(fingerprint, str):
             return fingerprint
@@ -610,8 +614,6 @@ class AutoGraphs:
             self.reset()
             self._fingerprint = fingerprint
         if self._runner is None:
-            if tower.tensor_parallel:
-                return "tensor parallelism: graphs are opt-in there (cuda_graphs=True on every rank)"
             self._runner = self.runner_cls(tower, None, warmup=1, forward=_TowerMethod(tower, forward))
         runner = self._runner
         call = runner.bind(args, kwargs)
@@ -634,6 +636,7 @@ class AutoGraphs:
             self._structure = _structure_of(self._modules)
             owners = [tower, *self._modules]
             self._dicts = [*map(_parameters_of, owners), *map(_buffers_of, owners)]
+            self._parallel = tower.tensor_parallel
             self._version = _structure["version"]
 
     def _addresses(self, tower: nn.Module) -> tuple | str:
@@ -641,7 +644,6 @@ class AutoGraphs:
         the tower holds now (what a graph reads), or why a graph would be wrong. The tensors are read from the
         modules' dicts on every call, so a tensor put there directly, which no registration hook reports, is
         seen before a graph could read freed memory (a module's dict replaced as a whole would not be)."""
-        self._refresh(tower)
         tensors = list(filter(_not_none, itertools.chain.from_iterable(map(dict.values, self._dicts))))
         if torch.is_grad_enabled() and any(map(_requires_grad, tensors)):
             return "grad is on and parameters require grad; graphs replay inference only"
