@@ -2,9 +2,11 @@
 # The GPU runs behind benchmarks/results/<gpu>/: `bash benchmarks/gpu_session.sh kernels|report OUTDIR`.
 # kernels: GPU kernel tests, the GEMM sweep and the per-op benchmarks; report: the encoder report (make bench);
 # launch: GPU kernel tests, host cost per op call, and batch-1 latency against transformers and torch.compile;
-# paths: the per-op breakdown of a ViT-L/14-336 forward, the patch embedding, whole-model path A/B, max-autotune.
+# paths: the per-op breakdown of a ViT-L/14-336 forward, the patch embedding, whole-model path A/B, max-autotune;
+# auto: the CUDA-graph and tower GPU tests, then batch 1 as loaded (automatic graphs) against explicit graphs, no
+# graphs, transformers sdpa and torch.compile on the four reference models.
 set -uo pipefail
-stage=${1:?kernels, report, launch or paths}
+stage=${1:?kernels, report, launch, paths or auto}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -44,5 +46,14 @@ paths)
     run max_autotune 560 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 \
         --batch-sizes 128 --providers vitriton hf-compile-max --out "$out/max_autotune"
     tail -40 "$out/profile_ops.log"
+    ;;
+auto)
+    run towers_gpu 300 python3 -m pytest tests/test_graphs.py tests/test_patch.py tests/encoders -m gpu -q \
+        -p no:cacheprovider
+    run b1 500 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
+        clip-text-l14 --batch-sizes 1 --providers vitriton vitriton-graphs vitriton-nographs hf-sdpa hf-compile \
+        --seconds 0.2 --out "$out/b1"
+    tail -3 "$out/towers_gpu.log"
+    grep " b1 " "$out/b1.log"
     ;;
 esac
