@@ -4,9 +4,11 @@ capture and replay, through ``CUDAGraphRunner`` and ``enable_cuda_graphs``, on a
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import inspect
 import pickle
+import random
 import weakref
 
 import pytest
@@ -712,6 +714,67 @@ def test_enable_cuda_graphs_starts_the_automatic_graphs_afresh(on_cpu):
     assert tower.auto_graphs is not before and not tower.auto_graphs.enabled
     assert tower.auto_graphs.captured == [] and tower.auto_graphs._modules == []
     assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
+
+
+def _tensors_in(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, (tuple, list)):
+        return [tensor for item in output for tensor in _tensors_in(item)]
+    return []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auto_graph_keys_hold_every_option_under_random_calls(monkeypatch, seed):
+    """Random calls of both towers (batch, image size, sequence, output options, feature layers, the config's
+    default), each input fixed by its shape alone. A fake replay returns the captured call's outputs, so a key that
+    left out an option the forward reads would hand one call another's result; every call must equal the eager
+    forward's, raising alike."""
+    monkeypatch.setattr(AutoGraphs, "device_type", "cpu")
+    monkeypatch.setattr(AutoGraphs, "runner_cls", _FakeRunner)
+    monkeypatch.setattr(graphs, "AUTO_MAX_GRAPHS", 64)
+    rng = random.Random(seed)
+    clip = vitriton.from_transformers(models.clip_model(), device="cpu")
+    size = models.CLIP_VISION["image_size"]
+    inputs = {}
+    with eager_mode(), torch.no_grad():
+        for _ in range(200):
+            tower = rng.choice([clip.vision_model, clip.text_model])
+            batch = rng.choice([1, 2, 3])
+            options = {}
+            if rng.random() < 0.3:
+                options["output_hidden_states"] = rng.choice([True, False, None])
+            if rng.random() < 0.3:
+                options["return_dict"] = rng.choice([True, False])
+            if rng.random() < 0.3:
+                options["feature_layers"] = rng.choice([1, -1, [0, 2], (-2,), None, 7])
+            if tower is clip.vision_model:
+                side = rng.choice([size, size + 8])
+                shape = ("pixels", batch, side)
+                if shape not in inputs:
+                    inputs[shape] = (models.pixels(batch, side, seed=len(inputs)),)
+                args = (*inputs[shape], side != size or rng.random() < 0.2)
+            else:
+                shape = ("ids", batch, rng.choice([7, 11]))
+                if shape not in inputs:
+                    inputs[shape] = models.text(batch, shape[2], seed=len(inputs))
+                args = inputs[shape]
+            tower.config.output_hidden_states = rng.random() < 0.1
+            outcomes = []
+            for forward in (tower, functools.partial(type(tower).forward.__wrapped__, tower)):
+                try:
+                    outcomes.append(_tensors_in(forward(*args, **options)))
+                except (TypeError, ValueError) as error:
+                    outcomes.append(type(error))
+            tower.config.output_hidden_states = False
+            ours, eager = outcomes
+            if isinstance(eager, type) or isinstance(ours, type):
+                assert ours == eager, (shape, options)
+            else:
+                assert len(ours) == len(eager) and all(map(torch.equal, ours, eager)), (shape, options)
+    assert len(clip.vision_model.auto_graphs.captured) > 8 and len(clip.text_model.auto_graphs.captured) > 8
 
 
 def test_explicit_runners_bind_replay_and_fall_back_on_the_cpu_with_fake_graphs(monkeypatch):
