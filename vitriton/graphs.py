@@ -77,7 +77,6 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 AUTO_MAX_TOKENS = 16384
 AUTO_MAX_GRAPHS = 8
 AUTO_CAPTURE_AT = 2  # the call of a shape that captures it: the first compiles and autotunes, eagerly
-CUDA_GRAPHS_MODES = ("auto", True, False)
 
 
 def normalize_batch_sizes(batch_sizes: Iterable[int], name: str = "batch_sizes") -> tuple[int, ...]:
