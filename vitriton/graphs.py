@@ -254,10 +254,9 @@ class CUDAGraphRunner:
     ``forward`` is what is captured, by default ``model`` itself; ``enable_cuda_graphs`` passes the tower's
     own class forward, since the runner takes the instance's ``forward``. ``pool`` shares one graph memory
     pool between runners, which then also share one ``guard``, so that they never replay at the same time (the
-    towers of one model). ``context``, when given,
-    returns a hashable of the state outside the arguments that the forward reads (the config's output options),
-    which is part of each graph's identity too. Calls from several threads or streams are served one at a time,
-    each stream waiting for the previous call's copies.
+    towers of one model). ``context``, when given, returns a hashable of the state outside the arguments that the
+    forward reads (the config's output options), which is part of each graph's identity too. Calls from several
+    threads or streams are served one at a time, each stream waiting for the previous call's copies.
     """
 
     def __init__(
@@ -613,7 +612,13 @@ class AutoGraphs:
             self.reset()
             self._fingerprint = fingerprint
         if self._runner is None:
-            self._runner = self.runner_cls(tower, None, warmup=1, forward=_TowerMethod(tower, forward))
+            self._runner = self.runner_cls(
+                tower,
+                None,
+                warmup=1,
+                forward=_TowerMethod(tower, forward),
+                context=_TowerMethod(tower, type(tower).graph_context),
+            )
         runner = self._runner
         call = runner.bind(args, kwargs)
         if call is None:
@@ -621,7 +626,7 @@ class AutoGraphs:
         tokens = tower.graph_tokens(call.named)
         if tokens is None or tokens > AUTO_MAX_TOKENS:
             return f"the call holds more than AUTO_MAX_TOKENS={AUTO_MAX_TOKENS} tokens, or its input is not batch-first"
-        key = runner.key(call.batch, call) + (tower.graph_context(),)
+        key = runner.key(call.batch, call)
         if key in self._failed:
             return "capturing this call shape failed before"
         if len(self._calls) > 64 * AUTO_MAX_GRAPHS:
