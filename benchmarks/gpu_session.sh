@@ -4,9 +4,10 @@
 # launch: GPU kernel tests, host cost per op call, and batch-1 latency against transformers and torch.compile;
 # paths: the per-op breakdown of a ViT-L/14-336 forward, the patch embedding, whole-model path A/B, max-autotune;
 # auto: the CUDA-graph and tower GPU tests, then batch 1 as loaded (automatic graphs) against explicit graphs, no
-# graphs, transformers sdpa and torch.compile on the four reference models.
+# graphs, transformers sdpa and torch.compile on the four reference models;
+# suite: every single-GPU test, its test ids dealt round-robin over the visible GPUs, one pytest per GPU.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths or auto}
+stage=${1:?kernels, report, launch, paths, auto or suite}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -55,5 +56,18 @@ auto)
         --seconds 0.2 --out "$out/b1"
     tail -3 "$out/towers_gpu.log"
     grep " b1 " "$out/b1.log"
+    ;;
+suite)
+    gpus=$(nvidia-smi -L | grep -c '^GPU')
+    python3 -m pytest tests -m gpu --ignore tests/parallel/test_nccl.py --co -q -p no:cacheprovider |
+        grep '::' >"$out/suite_ids.txt"
+    for ((i = 0; i < gpus; i++)); do
+        awk -v n="$gpus" -v i="$i" 'NR % n == i' "$out/suite_ids.txt" >"$out/suite_ids_$i.txt"
+        CUDA_VISIBLE_DEVICES=$i run "suite_gpu$i" 560 python3 -m pytest -m gpu -q -p no:cacheprovider \
+            $(cat "$out/suite_ids_$i.txt") &
+    done
+    wait
+    echo "$(wc -l <"$out/suite_ids.txt") test ids over $gpus GPUs"
+    for ((i = 0; i < gpus; i++)); do tail -n 1 "$out/suite_gpu$i.log"; done
     ;;
 esac
