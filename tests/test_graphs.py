@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vitriton
 from tests.encoders import models
 from vitriton import graphs
-from vitriton.encoders.trunk import Tower
+from vitriton.encoders.trunk import TextTransformer, Tower, VisionTransformer
 from vitriton.graphs import (
     DEFAULT_BATCH_SIZES,
     AutoGraphs,
@@ -547,6 +547,75 @@ def test_automatic_runners_bind_calls_to_the_towers_own_parameters(cpu_clip):
         forward = graphs._TowerMethod(tower, type(tower).forward.__wrapped__)
         bound = inspect.signature(forward).bind(torch.ones(1, 2), output_hidden_states=True)
         assert list(bound.arguments) == [first, "output_hidden_states"]
+
+
+def _positional_only(a, b=1, /, c=2, *, d=3, **rest):
+    return a
+
+
+def _no_var_keyword(x, y=None, z=False, *, w=(1, 2)):
+    return x
+
+
+@pytest.mark.parametrize(
+    "function",
+    [_positional_only, _no_var_keyword, VisionTransformer.forward.__wrapped__, TextTransformer.forward.__wrapped__],
+)
+def test_a_layout_binds_every_call_as_inspect_does(function):
+    """Random calls: where ``inspect`` binds one, the cached layout gives the same canonical arguments and names
+    (inspect's ``args``, ``kwargs``, and its ``arguments`` with ``**kwargs`` spread out)."""
+    signature = inspect.signature(function)
+    names = [*signature.parameters, "extra", "other"]
+    rng = random.Random(0)
+    bound_some = 0
+    for _ in range(400):
+        args = tuple(object() for _ in range(rng.randint(0, 4)))
+        kwargs = {name: object() for name in rng.sample(names, rng.randint(0, 3))}
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            continue
+        bound_some += 1
+        bound.apply_defaults()
+        named = {}
+        for name, value in bound.arguments.items():
+            var_keyword = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+            named.update(value) if var_keyword else named.__setitem__(name, value)
+        positional, keywords, by_name = graphs._Layout(signature, len(args), tuple(kwargs)).canonical(args, kwargs)
+        assert positional == bound.args and keywords == bound.kwargs and by_name == named
+        assert list(keywords) == list(bound.kwargs) and list(by_name) == list(named)
+    assert bound_some > 40
+
+
+def test_a_steady_call_is_bound_once_and_looked_up_after(cpu_clip, monkeypatch):
+    """Calls that differ only in tensor values reuse their binding; metadata, options and the grad mode do not."""
+    vision = cpu_clip.vision_model
+    runner = _FakeRunner(vision, None, forward=graphs._TowerMethod(vision, type(vision).forward.__wrapped__))
+    size = models.CLIP_VISION["image_size"]
+    first = runner.bind((models.pixels(1, size, seed=1),), {})
+    binds = []
+    monkeypatch.setattr(runner, "signature", _Counting(runner.signature, binds))
+    second = runner.bind((models.pixels(1, size, seed=2),), {})
+    assert binds == [] and second.signature == first.signature and not torch.equal(second.args[0], first.args[0])
+    runner.bind((models.pixels(2, size),), {})
+    runner.bind((models.pixels(1, size),), {"output_hidden_states": True})
+    leaf = models.pixels(1, size).requires_grad_()
+    assert runner.bind((leaf,), {}) is None
+    with torch.no_grad():
+        assert runner.bind((leaf,), {}).batch == 1
+    assert len(binds) == 4 and len(runner._bindings) == 5
+
+
+class _Counting:
+    """An inspect.Signature that counts its ``bind`` calls."""
+
+    def __init__(self, signature, calls):
+        self.signature, self.calls = signature, calls
+        self.parameters = signature.parameters
+
+    def bind(self, *args, **kwargs):
+        self.calls.append(len(args))
+        return self.signature.bind(*args, **kwargs)
 
 
 def test_a_deleted_model_is_freed_without_the_garbage_collector():

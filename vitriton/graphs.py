@@ -155,18 +155,28 @@ def _freeze(value: Any) -> Any:
 
 def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | None:
     """Why a call with these named arguments must run eagerly instead of from a graph, or None if it can replay."""
+    return _state_reason() or _arguments_reason(arguments, device)
+
+
+def _state_reason() -> str | None:
+    """Why no call can replay now, whatever its arguments: the process state a replay would bypass."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return "torch.compile, torch.export or torch.jit is tracing the call"
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "another CUDA graph is being captured"
     if _dispatch_modes() or any(not isinstance(mode, DeviceContext) for mode in _function_modes()):
         return "a TorchDispatchMode or TorchFunctionMode is active (make_fx, a logging mode); a replay would bypass it"
-    if arguments.get("output_attentions"):
-        return "output_attentions=True computes attention weights on the reference path"
     if torch.is_autocast_enabled("cuda"):
         # Replays under autocast gave the fp32 graph's dtypes on the H200 (issue 9's GPU run); until that is
         # understood, autocast calls keep transformers' eager semantics.
         return "torch.autocast is on; autocast calls run eagerly"
+    return None
+
+
+def _arguments_reason(arguments: Mapping[str, Any], device: torch.device) -> str | None:
+    """Why these arguments cannot replay: a function of their values, tensors' metadata and the grad mode."""
+    if arguments.get("output_attentions"):
+        return "output_attentions=True computes attention weights on the reference path"
     tensors = {}
     for name, value in arguments.items():
         if isinstance(value, torch.Tensor):
@@ -193,6 +203,64 @@ def eager_reason(arguments: Mapping[str, Any], device: torch.device) -> str | No
     if next(iter(sizes.values())) == 0:
         return "the batch is empty (0 rows)"
     return None
+
+
+def _describe(value: Any) -> Hashable:
+    """What a call's binding, eager reason and graph key read of one argument: a tensor's type and metadata, any
+    other value frozen (TypeError for values that cannot be)."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", type(value), value.shape, value.dtype, value.device, value.requires_grad
+    return "value", _freeze(value)
+
+
+def _signature_key(value: Any) -> Hashable:
+    """A graph key's part for one argument: a tensor's shape past the batch and its dtype, or the value."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", tuple(value.shape[1:]), value.dtype
+    return "value", _freeze(value)
+
+
+_ARG, _KWARG, _DEFAULT = range(3)  # where a _Layout entry takes its value from
+
+
+class _Layout:
+    """How the calls of one layout (how many positional arguments, which keywords) land on a forward's
+    parameters, worked out once from its signature so that a steady call skips ``inspect``'s binding: each
+    canonical positional and keyword argument (keyword-only parameters, then ``**kwargs`` spread out) is taken
+    from the call's positional arguments, its keywords or the parameter's default. Build it only for a layout
+    ``inspect`` has bound without error; a forward with ``*args`` raises TypeError."""
+
+    def __init__(self, signature: inspect.Signature, nargs: int, keywords: tuple[str, ...]):
+        kind = inspect.Parameter
+        params = list(signature.parameters.values())
+        if any(p.kind is kind.VAR_POSITIONAL for p in params):
+            raise TypeError("a forward with *args is bound by inspect on every call")
+        positional = [p for p in params if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+        keyword_only = [p for p in params if p.kind is kind.KEYWORD_ONLY]
+        by_keyword = {p.name for p in positional[nargs:] + keyword_only}
+
+        def source(index: int, param: inspect.Parameter) -> tuple[int, Any]:
+            if index < nargs:
+                return _ARG, index
+            if param.name in keywords:
+                return _KWARG, param.name
+            return _DEFAULT, param.default
+
+        extra = tuple(name for name in keywords if name not in by_keyword)  # into **kwargs
+        self.arg_names = tuple(p.name for p in positional)
+        self.args = tuple(source(i, p) for i, p in enumerate(positional))
+        self.kwarg_names = (*(p.name for p in keyword_only), *extra)
+        self.kwargs = (*(source(nargs, p) for p in keyword_only), *((_KWARG, name) for name in extra))
+
+    def canonical(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[tuple, dict[str, Any], dict[str, Any]]:
+        """The call's canonical positional and keyword arguments, and every argument by name."""
+
+        def take(entries: tuple) -> list[Any]:
+            sources = (args, kwargs)
+            return [what if where == _DEFAULT else sources[where][what] for where, what in entries]
+
+        positional, keywords = take(self.args), dict(zip(self.kwarg_names, take(self.kwargs), strict=True))
+        return tuple(positional), keywords, {**dict(zip(self.arg_names, positional, strict=True)), **keywords}
 
 
 class _Guard:
@@ -238,6 +306,7 @@ class _Call:
     kwargs: dict[str, Any]
     batch: int
     named: dict[str, Any]  # every argument by name (``**kwargs`` spread out)
+    signature: tuple  # the graph key's part for the arguments (shapes past the batch, dtypes, values)
 
 
 class CUDAGraphRunner:
@@ -282,6 +351,9 @@ class CUDAGraphRunner:
         self.warmup = warmup
         self.context = context
         self._graphs: dict[tuple, _Captured] = {}
+        # Per call description (layout, each argument's metadata or value, grad mode): its _Layout and graph key
+        # part, or why it runs eagerly. Pure functions of that description, so kept across reset().
+        self._bindings: dict[tuple, tuple[_Layout, tuple] | str] = {}
         self._shared_pool = pool
         self._pool = pool
         self._guard = _Guard() if guard is None else guard
@@ -335,39 +407,54 @@ class CUDAGraphRunner:
     def why_eager(self, *args: Any, **kwargs: Any) -> str | None:
         """Why this call would run eagerly rather than from a graph (None when it replays, or would, if its
         batch fits a bucket)."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as err:
-            return f"the arguments do not match the forward's signature ({err})"
-        return eager_reason(_named(bound), self.device)
+        binding = self._binding(args, kwargs)
+        return _state_reason() or (binding if isinstance(binding, str) else None)
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Call | None:
         """The call in canonical form with its batch size, or None if it must run eagerly."""
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError:
-            return None  # the eager call raises the forward's own error
-        bound.apply_defaults()
-        named = _named(bound)
-        if eager_reason(named, self.device) is not None:
+        if _state_reason() is not None:
             return None
+        binding = self._binding(args, kwargs)
+        if isinstance(binding, str):
+            return None
+        layout, signature = binding
+        positional, keywords, named = layout.canonical(args, kwargs)
         batch = next(v.shape[0] for v in named.values() if isinstance(v, torch.Tensor))
-        return _Call(bound.args, bound.kwargs, batch, named)
+        return _Call(positional, keywords, batch, named, signature)
+
+    def _binding(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[_Layout, tuple] | str:
+        """The call's layout and graph key part, or why its arguments cannot replay; worked out once per
+        description of the call (``_describe``) and looked up after that."""
+        try:
+            description = (
+                len(args),
+                tuple(kwargs),
+                torch.is_grad_enabled(),
+                *map(_describe, args),
+                *map(_describe, kwargs.values()),
+            )
+        except TypeError:
+            description = None  # an unhashable argument: bound afresh on every call
+        binding = self._bindings.get(description) if description is not None else None
+        if binding is not None:
+            return binding
+        try:
+            self.signature.bind(*args, **kwargs)
+            layout = _Layout(self.signature, len(args), tuple(kwargs))
+        except TypeError as err:
+            return f"the arguments do not match the forward's signature ({err})"
+        positional, keywords, named = layout.canonical(args, kwargs)
+        keyed = tuple(sorted((name, _signature_key(value)) for name, value in keywords.items()))
+        binding = _arguments_reason(named, self.device) or (layout, (tuple(map(_signature_key, positional)), keyed))
+        if description is not None:
+            if len(self._bindings) >= 1024:
+                self._bindings.clear()  # many one-off shapes
+            self._bindings[description] = binding
+        return binding
 
     def key(self, bucket: int, call: _Call) -> tuple:
         """The identity of the graph that serves ``call`` at ``bucket`` rows."""
-
-        def signature(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return ("tensor", tuple(value.shape[1:]), value.dtype)
-            return ("value", _freeze(value))
-
-        return (
-            bucket,
-            tuple(signature(v) for v in call.args),
-            tuple(sorted((name, signature(v)) for name, v in call.kwargs.items())),
-            None if self.context is None else self.context(),
-        )
+        return bucket, *call.signature, None if self.context is None else self.context()
 
     def graph(self, bucket: int, call: _Call, key: tuple | None = None) -> _Captured:
         """The graph for ``call`` at ``bucket`` rows, captured now if it is new (call in inference mode)."""
@@ -432,18 +519,6 @@ def _capturing():
         yield
     finally:
         _local.depth -= 1
-
-
-def _named(bound: inspect.BoundArguments) -> dict[str, Any]:
-    """Every argument by name, with the forward's ``**kwargs`` spread out; ``*args`` stays one tuple."""
-    named = {}
-    for name, value in bound.arguments.items():
-        kind = bound.signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        else:
-            named[name] = value
-    return named
 
 
 def auto_default() -> bool:
@@ -623,12 +698,16 @@ class AutoGraphs:
         call = runner.bind(args, kwargs)
         if call is None:
             return runner.why_eager(*args, **kwargs) or "the arguments do not bind to the forward"
-        tokens = tower.graph_tokens(call.named)
-        if tokens is None or tokens > AUTO_MAX_TOKENS:
-            return f"the call holds more than AUTO_MAX_TOKENS={AUTO_MAX_TOKENS} tokens, or its input is not batch-first"
         key = runner.key(call.batch, call)
         if key in self._failed:
             return "capturing this call shape failed before"
+        if key not in runner._graphs:  # a captured key passed this check: the key fixes the tokens
+            tokens = tower.graph_tokens(call.named)
+            if tokens is None or tokens > AUTO_MAX_TOKENS:
+                return (
+                    f"the call holds more than AUTO_MAX_TOKENS={AUTO_MAX_TOKENS} tokens, or its input is not "
+                    f"batch-first"
+                )
         if len(self._calls) > 64 * AUTO_MAX_GRAPHS:
             self._calls.clear()  # many one-off shapes: forget their counts
         return runner, call, key, self._calls.get(key, 0)
@@ -639,7 +718,8 @@ class AutoGraphs:
             self._modules = [module for module in tower.modules() if module is not tower]
             self._structure = _structure_of(self._modules)
             owners = [tower, *self._modules]
-            self._dicts = [*map(_parameters_of, owners), *map(_buffers_of, owners)]
+            # Dicts empty now are left out: a forward reads no tensor that was not there when it was walked.
+            self._dicts = list(filter(None, [*map(_parameters_of, owners), *map(_buffers_of, owners)]))
             self._parallel = tower.tensor_parallel
             self._version = _structure["version"]
 
