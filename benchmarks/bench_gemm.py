@@ -12,6 +12,9 @@ Each model's qkv, out_proj, fc1 and fc2 GEMMs, M = batch * tokens, against these
                      persistent TMA kernel above SMALL_M rows on Hopper); ``qkv_projection_triton``, q, k
                      and v written head-split, at qkv
   vitriton-tiled     ``linear_triton(persistent=False)``: one program per tile
+  vitriton-sigmoid   ``vitriton`` with the activation's sigmoid from ex2 and a reciprocal (``FAST_TANH`` "sigmoid",
+                     the form before the tanh instruction) (fc1)
+  vitriton-bf16x2    ``vitriton`` with the tanh on bf16 pairs (``FAST_TANH`` "bf16x2"; bf16 runs only) (fc1)
   cublas-packed-qkv  ``F.linear`` viewed as (B, S, 3, H, D): the head split as views, no extra pass (qkv)
 ratio = cublas ms / candidate ms (above 1: faster than cuBLAS); TFLOP/s counts 2 * M * N * K. On CUDA every
 call is timed with the L2 cache flushed before it (``common.flushed_ms``). Each candidate's first output is
@@ -47,6 +50,7 @@ from benchmarks.models import PRESETS, tokens_per_sample  # noqa: E402
 from benchmarks.report import RESULTS, device_slug  # noqa: E402
 from vitriton.kernels._matmul import SMALL_M, last_config  # noqa: E402
 from vitriton.kernels.linear import (  # noqa: E402
+    FAST_TANH,
     _linear_kernel,
     _linear_persistent_kernel,
     linear_reference,
@@ -67,7 +71,15 @@ CPU_BATCH_SIZES = (2,)
 CANDIDATES = {
     "qkv": ("cublas", "cublas-packed-qkv", "vitriton"),
     "out_proj": ("cublas", "vitriton", "vitriton-tiled"),
-    "fc1": ("cublas", "cublaslt-gelu", "cublas+act", "vitriton", "vitriton-tiled"),
+    "fc1": (
+        "cublas",
+        "cublaslt-gelu",
+        "cublas+act",
+        "vitriton",
+        "vitriton-sigmoid",
+        "vitriton-bf16x2",
+        "vitriton-tiled",
+    ),
     "fc2": ("cublas", "vitriton", "vitriton-tiled"),
 }
 
@@ -94,16 +106,17 @@ class Gemm:
         return f"{self.model} b{self.batch} {self.layer}"
 
 
-def gemms(models: Sequence[str], batch_sizes: Sequence[int]) -> list[Gemm]:
+def gemms(models: Sequence[str], batch_sizes: Sequence[int], layers: Sequence[str] | None = None) -> list[Gemm]:
     found = []
     for model in models:
         spec = PRESETS[model]
         config = spec.make_config()
         seq, d, mlp = tokens_per_sample(config, spec), config.hidden_size, config.intermediate_size
-        layers = (("qkv", d, 3 * d, None), ("out_proj", d, d, None), ("fc1", d, mlp, config.hidden_act))
+        every = (("qkv", d, 3 * d, None), ("out_proj", d, d, None), ("fc1", d, mlp, config.hidden_act))
         for batch in batch_sizes:
-            for layer, k, n, activation in (*layers, ("fc2", mlp, d, None)):
-                found.append(Gemm(model, batch, layer, seq, k, n, config.num_attention_heads, activation))
+            for layer, k, n, activation in (*every, ("fc2", mlp, d, None)):
+                if layers is None or layer in layers:
+                    found.append(Gemm(model, batch, layer, seq, k, n, config.num_attention_heads, activation))
     return found
 
 
@@ -136,8 +149,25 @@ def candidates(gemm: Gemm, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) ->
         "cublas-packed-qkv": Candidate(lambda: F.linear(x, w, b).view(split)),
         "vitriton": ours,
         "vitriton-tiled": Candidate(lambda: linear_triton(x, w, b, act, persistent=False), act),
+        "vitriton-sigmoid": Candidate(with_tanh("sigmoid", x.dtype, lambda: linear_triton(x, w, b, act)), act),
     }
-    return {name: every[name] for name in CANDIDATES[gemm.layer]}
+    if x.dtype == torch.bfloat16:
+        every["vitriton-bf16x2"] = Candidate(with_tanh("bf16x2", x.dtype, lambda: linear_triton(x, w, b, act)), act)
+    return {name: every[name] for name in CANDIDATES[gemm.layer] if name in every}
+
+
+def with_tanh(form: str, dtype: torch.dtype, call: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``call`` with the activations' tanh evaluated as ``form`` (``linear.FAST_TANH``; part of the plan key)."""
+
+    def run() -> torch.Tensor:
+        saved = FAST_TANH.get(dtype)
+        FAST_TANH[dtype] = form
+        try:
+            return call()
+        finally:
+            FAST_TANH.pop(dtype) if saved is None else FAST_TANH.__setitem__(dtype, saved)
+
+    return run
 
 
 def error_of(gemm: Gemm, candidate: Candidate, out: torch.Tensor, cublas_out: torch.Tensor) -> float:
@@ -232,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--dtypes", nargs="+", choices=list(DTYPES), help="(default: bf16 on a GPU, fp32 fp16 on the CPU)"
     )
+    parser.add_argument("--layers", nargs="+", choices=list(CANDIDATES), help="(default: every layer)")
     parser.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device>)")
     args = parser.parse_args(argv)
     models = args.models or (GPU_MODELS if ON_GPU else CPU_MODELS)
@@ -244,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     with console.status("") as status:
         for dtype in dtypes:
-            for gemm in gemms(models, batch_sizes):
+            for gemm in gemms(models, batch_sizes, args.layers):
                 status.update(f"{gemm.name} {dtype}")
                 rows += measure(gemm, DTYPES[dtype])
     console.print(table(rows, f"{device} · {' '.join(dtypes)}" + (" · L2 flushed" if ON_GPU else "")))

@@ -294,6 +294,23 @@ def test_linear_gpu_3d_public(lead, activation, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize(
+    "dtype, tanh",
+    [(torch.float16, "f32"), (torch.bfloat16, "f32"), (torch.bfloat16, "bf16x2"), (torch.float16, "sigmoid")],
+)
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
+def test_linear_gpu_tanh_forms(activation, dtype, tanh, persistent, monkeypatch):
+    """Each way of evaluating the sigmoid-shaped activations (``FAST_TANH``) within the low-precision bound, on
+    pre-activations (standard deviation 8) that reach both saturated tails, on both GPU kernels."""
+    needs_hopper()
+    monkeypatch.setitem(linear_module.FAST_TANH, dtype, tanh)  # part of the plan's key
+    x, w, b = make_inputs((3000,), 72, 1000, dtype, bias=True, weight_std=8.0, seed=1, device="cuda")
+    out = linear_triton(x, w, b, activation, out=poisoned((3000, 1000), dtype, device="cuda"), persistent=persistent)
+    assert_matches_reference(out, x, w, b, activation)
+
+
+@pytest.mark.gpu
 def test_linear_gpu_cuda_graph():
     x, w, b = make_inputs((4, 197), 768, 3072, torch.bfloat16, bias=True, device="cuda")
     expected = linear(x, w, b, "quick_gelu")  # tunes and compiles before capture

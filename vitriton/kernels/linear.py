@@ -5,8 +5,8 @@ on the accumulator before the single rounding store. Eager runs these as up to f
 three), each a full read and write of the (M, N) output; fused they cost nothing.
 
 The activations are transformers' (ACT2FN): quick_gelu ``x * sigmoid(1.702 x)``; gelu the exact erf form;
-gelu_pytorch_tanh the tanh approximation, computed as ``x * sigmoid(2u)``, which equals ``0.5 x (1 + tanh(u))``
-and needs no tanh instruction.
+gelu_pytorch_tanh the tanh approximation ``0.5 x (1 + tanh(u))``. Both are ``x (1 + tanh(.)) / 2``, which for
+16-bit outputs on CUDA takes the GPU's tanh instruction (``FAST_TANH``) and otherwise the sigmoid form.
 
 Launch cost: the first call of a signature (shapes, strides, dtypes, alignment, weight, activation) validates
 the operands, autotunes and records a launch plan (``_launch.py``) holding the config, the grid, the compiled
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from vitriton.kernels._dispatch import use_triton
+from vitriton.kernels._dispatch import interpreting, use_triton
 from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view, sm_count
 from vitriton.kernels._matmul import (
     SMALL_M,
@@ -49,15 +49,42 @@ def check_activation(activation: str | None) -> None:
         raise ValueError(f"activation {activation!r} is not supported; expected one of {ACTIVATIONS}")
 
 
+# How the sigmoid-shaped activations (quick_gelu, gelu_pytorch_tanh) evaluate their tanh on CUDA for 16-bit outputs:
+# "f32" one tanh.approx.f32 (PTX ISA: relative error about 2^-11, under half a bf16 or fp16 rounding step) in
+# place of the sigmoid's ex2 and reciprocal, halving the epilogue's special-function work, which the main loop
+# of a non-warp-specialised kernel waits for; "bf16x2" tanh.approx.bf16x2, two elements an instruction (bf16
+# outputs only); "sigmoid" the exact-rounding form, which fp32 outputs and the interpreter always take.
+FAST_TANH = {torch.float16: "f32", torch.bfloat16: "f32"}
+
+
+def tanh_mode(x: torch.Tensor) -> str:
+    """The ``TANH`` constexpr for a call whose output has x's dtype (``FAST_TANH``)."""
+    return FAST_TANH.get(x.dtype, "sigmoid") if x.is_cuda and not interpreting() else "sigmoid"
+
+
 @triton.jit
-def activate(x, ACTIVATION: tl.constexpr):
+def half_plus_half_tanh(x, TANH: tl.constexpr):
+    """``(1 + tanh(x)) / 2``, that is ``sigmoid(2x)``, computed as ``TANH`` says (``FAST_TANH``)."""
+    if TANH == "f32":
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    elif TANH == "bf16x2":
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
+        ).to(tl.float32)
+    else:
+        return tl.sigmoid(2.0 * x)
+    return 0.5 + 0.5 * t
+
+
+@triton.jit
+def activate(x, ACTIVATION: tl.constexpr, TANH: tl.constexpr = "sigmoid"):
     """``ACTIVATION`` of fp32 ``x``; "none" passes x through."""
     if ACTIVATION == "quick_gelu":
-        y = x * tl.sigmoid(1.702 * x)
+        y = x * half_plus_half_tanh(0.851 * x, TANH)  # sigmoid(1.702 x)
     elif ACTIVATION == "gelu":
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
     elif ACTIVATION == "gelu_pytorch_tanh":
-        y = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 * sqrt(2 / pi)
+        y = x * half_plus_half_tanh(0.7978845608028654 * (x + 0.044715 * x * x * x), TANH)  # sqrt(2 / pi)
     else:
         y = x
     return y
@@ -65,7 +92,7 @@ def activate(x, ACTIVATION: tl.constexpr):
 
 @triton.autotune(
     configs=matmul_configs(),
-    key=["M_BUCKET", "N", "K", "ACTIVATION", "USE_TMA"],
+    key=["M_BUCKET", "N", "K", "ACTIVATION", "TANH", "USE_TMA"],
     prune_configs_by={"early_config_prune": prune_matmul_configs},
 )
 @triton.heuristics({"EVEN_K": even_k})
@@ -86,6 +113,7 @@ def _linear_kernel(
     stride_om,
     stride_on,
     ACTIVATION: tl.constexpr,
+    TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     USE_TMA: tl.constexpr,
@@ -117,7 +145,7 @@ def _linear_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    acc = activate(acc, ACTIVATION)
+    acc = activate(acc, ACTIVATION, TANH)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -132,17 +160,18 @@ def _store_slice(
     offset_n,
     N,
     ACTIVATION: tl.constexpr,
+    TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     cols = offset_n + tl.arange(0, acc.shape[1])
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out.store([offset_m, offset_n], activate(acc, ACTIVATION).to(out.dtype))
+    out.store([offset_m, offset_n], activate(acc, ACTIVATION, TANH).to(out.dtype))
 
 
 @triton.autotune(
     configs=persistent_configs(),
-    key=["M_BUCKET", "N", "K", "ACTIVATION"],
+    key=["M_BUCKET", "N", "K", "ACTIVATION", "TANH"],
 )
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_persistent_kernel(
@@ -155,6 +184,7 @@ def _linear_persistent_kernel(
     K,
     M_BUCKET,  # autotune key only
     ACTIVATION: tl.constexpr,
+    TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PROGRAMS: tl.constexpr,  # the grid: one program per SM
     BLOCK_M: tl.constexpr,
@@ -175,10 +205,10 @@ def _linear_persistent_kernel(
         offset_n = pid_n * BLOCK_N
         if EPILOGUE_SPLIT == 2:
             left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _store_slice(left, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, HAS_BIAS)
-            _store_slice(right, bias_ptr, out, offset_m, offset_n + BLOCK_N // 2, N, ACTIVATION, HAS_BIAS)
+            _store_slice(left, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, TANH, HAS_BIAS)
+            _store_slice(right, bias_ptr, out, offset_m, offset_n + BLOCK_N // 2, N, ACTIVATION, TANH, HAS_BIAS)
         else:
-            _store_slice(acc, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, HAS_BIAS)
+            _store_slice(acc, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, TANH, HAS_BIAS)
 
 
 _PERSISTENT_ARGS = ("x", "w", "bias_ptr", "out", "M", "N", "K", "M_BUCKET")
@@ -211,7 +241,7 @@ def linear_triton(
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
         weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
         None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
-        activation, tma, persistent, config,
+        activation, tma, persistent, config, FAST_TANH.get(x.dtype),
     )  # fmt: skip
     entry = PLANS.get(key)
     if entry is None:
@@ -241,7 +271,7 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config)
         )
         return out
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    flags = dict(ACTIVATION=activation or "none", HAS_BIAS=bias is not None)
+    flags = dict(ACTIVATION=activation or "none", TANH=tanh_mode(x), HAS_BIAS=bias is not None)
     if use_tma and (persistent or (persistent is None and m > SMALL_M)) and (n * x.element_size()) % 16 == 0:
         # The TMA store needs 16-byte aligned output rows as well.
         out_operand = output_descriptor(out, m, n)
