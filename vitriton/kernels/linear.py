@@ -54,6 +54,7 @@ def check_activation(activation: str | None) -> None:
 # place of the sigmoid's ex2 and reciprocal, halving the epilogue's special-function work, which the main loop
 # of a non-warp-specialised kernel waits for; "bf16x2" tanh.approx.bf16x2, two elements an instruction (bf16
 # outputs only); "sigmoid" the exact-rounding form, which fp32 outputs and the interpreter always take.
+TANH_FORMS = ("f32", "bf16x2", "sigmoid")
 FAST_TANH = {torch.float16: "f32", torch.bfloat16: "f32"}
 
 
@@ -67,13 +68,15 @@ def half_plus_half_tanh(x, TANH: tl.constexpr):
     """``(1 + tanh(x)) / 2``, that is ``sigmoid(2x)``, computed as ``TANH`` says (``FAST_TANH``)."""
     if TANH == "f32":
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+        y = 0.5 + 0.5 * t
     elif TANH == "bf16x2":
         t = tl.inline_asm_elementwise(
             "tanh.approx.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
-        ).to(tl.float32)
+        )
+        y = 0.5 + 0.5 * t.to(tl.float32)
     else:
-        return tl.sigmoid(2.0 * x)
-    return 0.5 + 0.5 * t
+        y = tl.sigmoid(2.0 * x)
+    return y
 
 
 @triton.jit
