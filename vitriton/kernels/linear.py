@@ -39,6 +39,7 @@ from vitriton.kernels._matmul import (
     plan_operand,
     prune_matmul_configs,
     tile_coordinates,
+    tma_device,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -50,12 +51,15 @@ def check_activation(activation: str | None) -> None:
 
 
 # How the sigmoid-shaped activations (quick_gelu, gelu_pytorch_tanh) evaluate their tanh on CUDA for 16-bit outputs:
-# "f32" one tanh.approx.f32 (PTX ISA: relative error about 2^-11, under half a bf16 or fp16 rounding step) in
-# place of the sigmoid's ex2 and reciprocal, halving the epilogue's special-function work, which the main loop
-# of a non-warp-specialised kernel waits for; "bf16x2" tanh.approx.bf16x2, two elements an instruction (bf16
-# outputs only); "sigmoid" the exact-rounding form, which fp32 outputs and the interpreter always take.
+# "f32" one tanh.approx.f32 (PTX ISA: relative error about 2^-11, under half an fp16 rounding step) in place of the
+# sigmoid's ex2 and reciprocal; "bf16x2" tanh.approx.bf16x2, two elements an instruction, for bf16 outputs; "sigmoid"
+# the exact-rounding form, which fp32 outputs and the interpreter always take. The epilogue's special-function work
+# is what the main loop of this non-warp-specialised kernel waits for. fc1 at b128 against cuBLAS F.linear + bias
+# (H100, benchmarks/bench_gemm.py, results/h100/session17): L/14 quick_gelu sigmoid 0.84x, f32 0.89x, bf16x2 0.92x;
+# so400m gelu_pytorch_tanh 0.88x, 0.93x, 0.98x (cuBLASLt's GELU epilogue 0.93x); relative error of the bf16 output
+# against the fp32 activation 2.5e-3 (f32) and 3.0e-3 (bf16x2), where rounding to bf16 alone gives 2.4e-3.
 TANH_FORMS = ("f32", "bf16x2", "sigmoid")
-FAST_TANH = {torch.float16: "f32", torch.bfloat16: "f32"}
+FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2"}
 
 
 def tanh_mode(x: torch.Tensor) -> str:
@@ -335,7 +339,9 @@ def linear(
     - no activation: cuBLAS, whose epilogue already adds the bias (our persistent kernel is level with it at
       b128 on L/14 and so400m, behind it on smaller shapes);
     - gelu_pytorch_tanh with a bias: cuBLASLt's bias + GELU epilogue (``torch._addmm_activation``, the same
-      tanh approximation), 0.92-1.01x of a bare cuBLAS GEMM at batch 1, 8 and 128 against 0.68-0.89x for ours;
+      tanh approximation), 0.93-0.98x of a bare cuBLAS GEMM at batch 1 and 128 against 0.67-0.70x for ours at
+      batch 1; except bf16 above ``SMALL_M`` rows on Hopper, where the persistent Triton kernel with its bf16x2
+      tanh (``FAST_TANH``) reaches 0.98x against cuBLASLt's 0.93x (so400m b128);
     - otherwise (quick_gelu, gelu) the Triton kernel.
     ``linear_triton`` runs the Triton kernel on any call.
     """
@@ -346,7 +352,9 @@ def linear(
             return F.linear(x, weight, bias)
         if activation == "gelu_pytorch_tanh" and bias is not None:
             rows = x.reshape(-1, x.shape[-1])
-            return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).view(*x.shape[:-1], weight.shape[0])
+            if not (x.dtype == torch.bfloat16 and rows.shape[0] > SMALL_M and tma_device(x.device)):
+                out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
+                return out.view(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias, activation)
     return linear_triton(x, weight, bias, activation)
