@@ -1,74 +1,179 @@
-"""Compiles the GEMM kernels to PTX for sm90 (H100) without a GPU: ``python3 -m tests.kernels.sm90_compile``.
+"""Compiles vitriton's Triton kernels to PTX for sm90 (H100) without a GPU: ``python3 -m tests.kernels.sm90_compile``.
 
 The interpreter that runs the CPU suite executes a kernel as Python, so it accepts code that Triton's compiler
 rejects (a variable bound in only some branches, an early return) and never emits the inline assembly the GPU
-takes. This runs the compiler itself, frontend to PTX, for sm90 and prints one line a kernel; it exits 1 on the
-first failure. Run without TRITON_INTERPRET (``test_kernels_compile_for_sm90`` starts it in a subprocess).
+takes. This runs the compiler itself, frontend to PTX, for sm90, on the constexpr combinations the launchers pick
+for the reference models (bf16), and prints one line a case; it exits 1 on the first failure. Run it without
+TRITON_INTERPRET (``test_sm90_compile.py`` starts it in a subprocess).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("sm90_compile needs TRITON_INTERPRET unset: it compiles the kernels instead of interpreting them")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vitriton.kernels import linear  # noqa: E402
+from vitriton.kernels import attention, layernorm, linear, qkv  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
-TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)
+TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+DESCRIPTORS = {"x": "tensordesc<bf16[128, 64]>", "w": "tensordesc<bf16[128, 64]>", "bias_ptr": "*bf16"}
+GEMM_SCALARS = dict.fromkeys(("M", "N", "K", "M_BUCKET"), "i32")
 
 
-def jit_function(kernel) -> triton.runtime.jit.JITFunction:
-    """The JITFunction under autotune and heuristics wrappers."""
+class Case(NamedTuple):
+    name: str
+    kernel: Any  # a JITFunction, possibly under autotune and heuristics wrappers
+    types: dict[str, str]  # runtime arguments
+    constants: dict[str, Any]  # constexprs
+    options: dict[str, int]  # num_warps, num_stages
+    instruction: str | None = None  # the PTX must hold it
+
+
+def jit_function(kernel: Any) -> triton.runtime.jit.JITFunction:
     while not isinstance(kernel, triton.runtime.jit.JITFunction):
         kernel = kernel.fn
     return kernel
 
 
-def compile_ptx(kernel, types: dict[str, str], constants: dict[str, object], **options) -> str:
-    signature = {**types, **dict.fromkeys(constants, "constexpr")}
-    source = ASTSource(fn=jit_function(kernel), signature=signature, constexprs=constants)
-    return triton.compile(source, target=SM90, options=options).asm["ptx"]
+def compile_ptx(case: Case) -> str:
+    signature = {**case.types, **dict.fromkeys(case.constants, "constexpr")}
+    source = ASTSource(fn=jit_function(case.kernel), signature=signature, constexprs=case.constants)
+    return triton.compile(source, target=SM90, options=case.options).asm["ptx"]
 
 
-def linear_cases():
-    """(name, ptx thunk, instruction the PTX must hold or None): the persistent kernel in every epilogue form, the
-    one-tile-a-program kernel in each form of quick_gelu."""
-    descriptors = {"x": "tensordesc<bf16[128, 64]>", "w": "tensordesc<bf16[256, 64]>", "bias_ptr": "*bf16"}
-    scalars = dict.fromkeys(("M", "N", "K", "M_BUCKET"), "i32")
-    strides = dict.fromkeys(("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on"), "i32")
+def strides(*names: str) -> dict[str, str]:
+    return {f"stride_{name}": "i32" for name in names}
+
+
+def linear_cases() -> Iterator[Case]:
+    """The persistent kernel in every epilogue form; the one-tile-a-program kernel in each form of quick_gelu."""
     forms = [(activation, tanh) for activation in ("quick_gelu", "gelu_pytorch_tanh") for tanh in linear.TANH_FORMS]
     for activation, tanh in [*forms, ("gelu", "f32"), ("none", "f32")]:
         expected = "tanh.approx" if tanh != "sigmoid" and activation in ("quick_gelu", "gelu_pytorch_tanh") else None
         flags = dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True)
-        persistent = dict(**flags, PROGRAMS=132, **TILE, EPILOGUE_SPLIT=2)
-        types = {**descriptors, "out": "tensordesc<bf16[128, 128]>", **scalars}
-        kernel = linear._linear_persistent_kernel
-        yield f"linear persistent {activation} {tanh}", (kernel, types, persistent), expected
-        if activation != "quick_gelu":
-            continue
-        tiled = dict(**flags, IEEE_DOT=False, USE_TMA=True, **TILE, EVEN_K=True)
-        types = {**descriptors, "out_ptr": "*bf16", **scalars, **strides}
-        yield f"linear tiled {activation} {tanh}", (linear._linear_kernel, types, tiled), expected
+        yield Case(
+            f"linear persistent {activation} {tanh}",
+            linear._linear_persistent_kernel,
+            {**DESCRIPTORS, "out": "tensordesc<bf16[128, 64]>", **GEMM_SCALARS},
+            dict(**flags, PROGRAMS=132, **TILE, EPILOGUE_SPLIT=2),
+            dict(num_warps=8, num_stages=4),
+            expected,
+        )
+        if activation == "quick_gelu":
+            yield Case(
+                f"linear tiled {activation} {tanh}",
+                linear._linear_kernel,
+                {**DESCRIPTORS, "out_ptr": "*bf16", **GEMM_SCALARS, **strides("xm", "xk", "wn", "wk", "om", "on")},
+                dict(**flags, IEEE_DOT=False, USE_TMA=True, **TILE, EVEN_K=True),
+                dict(num_warps=8, num_stages=4),
+                expected,
+            )
+
+
+def qkv_cases() -> Iterator[Case]:
+    """The head-split epilogue at ViT-L (16 x 64) and so400m (16 x 72) heads, TMA and plain loads."""
+    for heads, head_dim in ((16, 64), (16, 72)):
+        for use_tma in (True, False):
+            operands = DESCRIPTORS if use_tma else {"x": "*bf16", "w": "*bf16", "bias_ptr": "*bf16"}
+            yield Case(
+                f"qkv {heads}x{head_dim} {'tma' if use_tma else 'plain'}",
+                qkv._qkv_kernel,
+                {**operands, "out_ptr": "*bf16", **GEMM_SCALARS, "SEQ": "i32", **strides("xm", "xk", "wn", "wk")},
+                dict(
+                    HEADS=heads,
+                    HEAD_DIM=head_dim,
+                    HAS_BIAS=True,
+                    IEEE_DOT=False,
+                    VEC=qkv.store_vector_width(head_dim),
+                    USE_TMA=use_tma,
+                    **TILE,
+                    EVEN_K=True,
+                ),
+                dict(num_warps=8, num_stages=4),
+            )
+
+
+def attention_cases() -> Iterator[Case]:
+    """The tiles ``pick_config`` gives the reference shapes (head dims 64, 72, 80, 104, 256) and the causal,
+    masked text tower."""
+    shapes = [(64, 577), (72, 729), (80, 257), (104, 257), (256, 197)]
+    for head_dim, seq, text in [*((d, s, False) for d, s in shapes), (64, 77, True)]:
+        config = attention.pick_config(head_dim, seq, 128 * 16, torch.bfloat16, 132)
+        d0, d1, d2 = attention.head_dim_chunks(head_dim)
+        full_tiles, tail_m = attention.query_tiles(seq, config.block_m, config.split_tail)
+        rest_n = seq % config.block_n
+        align = min(head_dim & -head_dim, 16)
+        types = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+        types["keep_ptr"] = "*i1" if text else "*bf16"
+        types.update(strides("qb", "qh", "qs", "qd", "kb", "kh", "ks", "kd", "vb", "vh", "vs", "vd", "ob", "os", "oc"))
+        types.update(strides("mb", "mk"), heads="i32", seq="i32", full_tiles="i32", qk_scale="fp32")
+        yield Case(
+            f"attention hd{head_dim} S{seq}{' causal masked' if text else ''}",
+            attention._attention_fwd_kernel,
+            types,
+            dict(
+                HEAD_DIM=head_dim,
+                D0=d0,
+                D1=d1,
+                D2=d2,
+                BLOCK_M=config.block_m,
+                TAIL_M=tail_m,
+                BLOCK_N=config.block_n,
+                TAIL_N=max(16, triton.next_power_of_2(rest_n)) if rest_n else 0,
+                ALIGN=align,
+                O_ALIGN=align,
+                CAUSAL=text,
+                HAS_MASK=text,
+                PRECISION="tf32",
+            ),
+            dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        )
+
+
+def layer_norm_cases() -> Iterator[Case]:
+    """Residual add + LayerNorm at widths 768, 1152 and 1664, with and without the residual."""
+    for width, residual in ((768, False), (1152, True), (1664, True)):
+        block_m, block_n, num_warps = layernorm.layer_norm_config(width, 2)
+        types = {name: "*bf16" for name in ("x_ptr", "residual_ptr", "weight_ptr", "bias_ptr", "out_ptr")}
+        types.update(residual_out_ptr="*bf16", **strides("x_row", "residual_row", "out_row", "residual_out_row"))
+        types.update(M="i32", N="i32", eps="fp32")
+        yield Case(
+            f"layer_norm N{width}{' + residual' if residual else ''}",
+            layernorm._add_layer_norm_fwd_kernel,
+            types,
+            dict(HAS_RESIDUAL=residual, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n),
+            dict(num_warps=num_warps),
+        )
+
+
+def cases() -> Iterator[Case]:
+    yield from linear_cases()
+    yield from qkv_cases()
+    yield from attention_cases()
+    yield from layer_norm_cases()
 
 
 def main() -> int:
-    for name, (kernel, types, constants), instruction in linear_cases():
+    for case in cases():
         try:
-            ptx = compile_ptx(kernel, types, constants, num_warps=8, num_stages=3)
-        except Exception as error:  # noqa: BLE001 - reported with the kernel's name
-            print(f"FAIL {name}: {type(error).__name__}: {error}")
+            ptx = compile_ptx(case)
+        except Exception as error:  # noqa: BLE001 - reported with the case's name
+            print(f"FAIL {case.name}: {type(error).__name__}: {error}")
             return 1
-        if instruction is not None and instruction not in ptx:
-            print(f"FAIL {name}: the PTX holds no {instruction}")
+        if case.instruction is not None and case.instruction not in ptx:
+            print(f"FAIL {case.name}: the PTX holds no {case.instruction}")
             return 1
-        print(f"ok   {name}")
+        print(f"ok   {case.name}")
     return 0
 
 

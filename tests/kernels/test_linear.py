@@ -6,11 +6,6 @@ GEMM shapes in fp32, fp16 and bf16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -326,13 +321,3 @@ def test_linear_gpu_cuda_graph():
     graph.replay()
     torch.testing.assert_close(captured, linear(x, w, b, "quick_gelu"), rtol=0, atol=0)
     assert not torch.equal(captured, expected)
-
-
-def test_linear_kernels_compile_for_sm90():
-    """Triton's compiler, not the interpreter, on every epilogue form, to PTX for an H100 (``sm90_compile``)."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.sm90_compile"], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
