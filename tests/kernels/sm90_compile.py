@@ -104,12 +104,16 @@ def qkv_cases() -> Iterator[Case]:
 
 
 def attention_cases() -> Iterator[Case]:
-    """The tiles ``pick_config`` gives the reference shapes (head dims 64, 72, 80, 104, 256) and the causal,
-    masked text tower."""
+    """The tiles ``pick_config`` gives the reference shapes (head dims 64, 72, 80, 104, 256), the causal, masked
+    text tower, and head dim 104 padded to one chunk (``AttentionConfig.pad_head``)."""
     shapes = [(64, 577), (72, 729), (80, 257), (104, 257), (256, 197)]
-    for head_dim, seq, text in [*((d, s, False) for d, s in shapes), (64, 77, True)]:
+    for head_dim, seq, text, pad in [
+        *((d, s, False, False) for d, s in shapes),
+        (64, 77, True, False),
+        (104, 257, 0, 1),
+    ]:
         config = attention.pick_config(head_dim, seq, 128 * 16, torch.bfloat16, 132)
-        d0, d1, d2 = attention.head_dim_chunks(head_dim)
+        d0, d1, d2 = (triton.next_power_of_2(head_dim), 0, 0) if pad else attention.head_dim_chunks(head_dim)
         full_tiles, tail_m = attention.query_tiles(seq, config.block_m, config.split_tail)
         rest_n = seq % config.block_n
         align = min(head_dim & -head_dim, 16)
@@ -118,7 +122,7 @@ def attention_cases() -> Iterator[Case]:
         types.update(strides("qb", "qh", "qs", "qd", "kb", "kh", "ks", "kd", "vb", "vh", "vs", "vd", "ob", "os", "oc"))
         types.update(strides("mb", "mk"), heads="i32", seq="i32", full_tiles="i32", qk_scale="fp32")
         yield Case(
-            f"attention hd{head_dim} S{seq}{' causal masked' if text else ''}",
+            f"attention hd{head_dim} S{seq}{' causal masked' if text else ''}{' padded' if pad else ''}",
             attention._attention_fwd_kernel,
             types,
             dict(
