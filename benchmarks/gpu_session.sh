@@ -5,9 +5,11 @@
 # paths: the per-op breakdown of a ViT-L/14-336 forward, the patch embedding, whole-model path A/B, max-autotune;
 # auto: the CUDA-graph and tower GPU tests, then batch 1 as loaded (automatic graphs) against explicit graphs, no
 # graphs, transformers sdpa and torch.compile on the four reference models;
-# suite: every single-GPU test, its test ids dealt round-robin over the visible GPUs, one pytest per GPU.
+# suite: every single-GPU test, its test ids dealt round-robin over the visible GPUs, one pytest per GPU;
+# followup: the attention sweep with padded head dims (pad_head) at batch 128, and batch 1 of the compiled model
+# as a user compiles it (default and reduce-overhead modes) against automatic and explicit graphs.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto or suite}
+stage=${1:?kernels, report, launch, paths, auto, suite or followup}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -56,6 +58,14 @@ auto)
         --seconds 0.2 --out "$out/b1"
     tail -3 "$out/towers_gpu.log"
     grep " b1 " "$out/b1.log"
+    ;;
+followup)
+    run attention_sweep 300 python3 benchmarks/bench_attention.py --sweep --cases b128 --json "$out/attention_sweep.json"
+    run b1_compile 280 python3 -m benchmarks.report --models clip-vit-l14-336 clip-text-l14 --batch-sizes 1 \
+        --providers vitriton vitriton-graphs vitriton-compile vitriton-compile-ro hf-compile-ro --seconds 0.2 \
+        --out "$out/b1_compile"
+    grep -A 12 "fastest configuration" "$out/attention_sweep.log"
+    grep " b1 " "$out/b1_compile.log"
     ;;
 suite)
     gpus=$(nvidia-smi -L | grep -c '^GPU')
