@@ -7,7 +7,8 @@
 # graphs, transformers sdpa and torch.compile on the four reference models;
 # suite: every single-GPU test, its test ids dealt round-robin over the visible GPUs, one pytest per GPU;
 # followup: the attention sweep with padded head dims (pad_head) at batch 128, and batch 1 of the compiled model
-# as a user compiles it (default and reduce-overhead modes) against automatic and explicit graphs.
+# as a user compiles it (default and reduce-overhead modes) against automatic and explicit graphs, and the host
+# profile of the text tower's automatic graphs (what their batch-1 replays cost over explicit graphs).
 set -uo pipefail
 stage=${1:?kernels, report, launch, paths, auto, suite or followup}
 out=${2:?output directory}
@@ -64,7 +65,9 @@ followup)
     run b1_compile 280 python3 -m benchmarks.report --models clip-vit-l14-336 clip-text-l14 --batch-sizes 1 \
         --providers vitriton vitriton-graphs vitriton-compile vitriton-compile-ro hf-compile-ro --seconds 0.2 \
         --out "$out/b1_compile"
+    run profile_host_auto 200 python3 benchmarks/profile_host.py --models clip-text-l14 --profile vitriton --top 25
     grep -A 12 "fastest configuration" "$out/attention_sweep.log"
+    tail -8 "$out/profile_host_auto.log"
     grep " b1 " "$out/b1_compile.log"
     ;;
 suite)
