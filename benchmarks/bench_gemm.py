@@ -165,7 +165,10 @@ def with_tanh(form: str, dtype: torch.dtype, call: Callable[[], torch.Tensor]) -
         try:
             return call()
         finally:
-            FAST_TANH.pop(dtype) if saved is None else FAST_TANH.__setitem__(dtype, saved)
+            if saved is None:
+                del FAST_TANH[dtype]
+            else:
+                FAST_TANH[dtype] = saved
 
     return run
 

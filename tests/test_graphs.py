@@ -579,8 +579,10 @@ def test_a_layout_binds_every_call_as_inspect_does(function):
         bound.apply_defaults()
         named = {}
         for name, value in bound.arguments.items():
-            var_keyword = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
-            named.update(value) if var_keyword else named.__setitem__(name, value)
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
         positional, keywords, by_name = graphs._Layout(signature, len(args), tuple(kwargs)).canonical(args, kwargs)
         assert positional == bound.args and keywords == bound.kwargs and by_name == named
         assert list(keywords) == list(bound.kwargs) and list(by_name) == list(named)

@@ -9,6 +9,7 @@ TRITON_INTERPRET (``test_sm90_compile.py`` starts it in a subprocess).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -106,16 +107,11 @@ def qkv_cases() -> Iterator[Case]:
 def attention_cases() -> Iterator[Case]:
     """The tiles ``pick_config`` gives the reference shapes (head dims 64, 72, 80, 104, 256), the causal, masked
     text tower, and head dim 104 padded to one chunk (``AttentionConfig.pad_head``)."""
-    shapes = [(64, 577), (72, 729), (80, 257), (104, 257), (256, 197)]
-    for head_dim, seq, text, pad in [
-        *((d, s, False, False) for d, s in shapes),
-        (64, 77, True, False),
-        (104, 257, 0, 1),
-    ]:
+    shapes = [(64, 577, False, False), (72, 729, False, False), (80, 257, False, False), (104, 257, False, False)]
+    shapes += [(256, 197, False, False), (64, 77, True, False), (104, 257, False, True)]
+    for head_dim, seq, text, pad in shapes:
         config = attention.pick_config(head_dim, seq, 128 * 16, torch.bfloat16, 132)
-        d0, d1, d2 = (triton.next_power_of_2(head_dim), 0, 0) if pad else attention.head_dim_chunks(head_dim)
-        full_tiles, tail_m = attention.query_tiles(seq, config.block_m, config.split_tail)
-        rest_n = seq % config.block_n
+        _, tiles = attention.tile_constants(head_dim, seq, dataclasses.replace(config, pad_head=pad))
         align = min(head_dim & -head_dim, 16)
         types = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
         types["keep_ptr"] = "*i1" if text else "*bf16"
@@ -125,21 +121,7 @@ def attention_cases() -> Iterator[Case]:
             f"attention hd{head_dim} S{seq}{' causal masked' if text else ''}{' padded' if pad else ''}",
             attention._attention_fwd_kernel,
             types,
-            dict(
-                HEAD_DIM=head_dim,
-                D0=d0,
-                D1=d1,
-                D2=d2,
-                BLOCK_M=config.block_m,
-                TAIL_M=tail_m,
-                BLOCK_N=config.block_n,
-                TAIL_N=max(16, triton.next_power_of_2(rest_n)) if rest_n else 0,
-                ALIGN=align,
-                O_ALIGN=align,
-                CAUSAL=text,
-                HAS_MASK=text,
-                PRECISION="tf32",
-            ),
+            dict(**tiles, ALIGN=align, O_ALIGN=align, CAUSAL=text, HAS_MASK=text, PRECISION="tf32"),
             dict(num_warps=config.num_warps, num_stages=config.num_stages),
         )
 

@@ -438,6 +438,16 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int, int]:
     return tuple(chunks + [0] * (3 - len(chunks)))
 
 
+def tile_constants(head_dim: int, seq: int, config: AttentionConfig) -> tuple[int, dict[str, int]]:
+    """(full query tiles, the kernel's head-chunk and tile constexprs) for ``config`` at ``head_dim`` and ``seq``."""
+    d0, d1, d2 = (max(16, triton.next_power_of_2(head_dim)), 0, 0) if config.pad_head else head_dim_chunks(head_dim)
+    full_tiles, tail_m = query_tiles(seq, config.block_m, config.split_tail)
+    rest_n = seq % config.block_n
+    tail_n = max(16, triton.next_power_of_2(rest_n)) if rest_n else 0
+    tiles = dict(HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2, BLOCK_M=config.block_m, TAIL_M=tail_m)
+    return full_tiles, dict(**tiles, BLOCK_N=config.block_n, TAIL_N=tail_n)
+
+
 def query_tiles(seq: int, block_m: int, split_tail: bool = True) -> tuple[int, int]:
     """(tiles of block_m query rows, rows of the narrower tail tile or 0) that cover seq rows."""
     rest = seq % block_m
@@ -569,11 +579,8 @@ def _plan_attention(key, q, k, v, scale, causal, key_padding_mask, out, config) 
             q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, out=out, config=config
         )
 
-    d0, d1, d2 = (max(16, triton.next_power_of_2(head_dim)), 0, 0) if config.pad_head else head_dim_chunks(head_dim)
-    full_tiles, tail_m = query_tiles(seq, config.block_m, config.split_tail)
-    rest_n = seq % config.block_n
-    tail_n = max(16, triton.next_power_of_2(rest_n)) if rest_n else 0
-    programs = batch * heads * (full_tiles + (1 if tail_m else 0))
+    full_tiles, tiles = tile_constants(head_dim, seq, config)
+    programs = batch * heads * (full_tiles + (1 if tiles["TAIL_M"] else 0))
     if programs >= _INT32_LIMIT:
         raise ValueError(f"batch * heads * query tiles is {programs}; expected fewer than 2^31 programs")
 
@@ -596,9 +603,7 @@ def _plan_attention(key, q, k, v, scale, causal, key_padding_mask, out, config) 
             _RUNTIME_ARGS,
             (q, k, v, out, keep, *static),
             dict(
-                HEAD_DIM=head_dim, D0=d0, D1=d1, D2=d2,
-                BLOCK_M=config.block_m, TAIL_M=tail_m, BLOCK_N=config.block_n, TAIL_N=tail_n,
-                ALIGN=align, O_ALIGN=_row_alignment(out, extra=head_dim), CAUSAL=causal,
+                **tiles, ALIGN=align, O_ALIGN=_row_alignment(out, extra=head_dim), CAUSAL=causal,
                 HAS_MASK=key_padding_mask is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 num_warps=config.num_warps, num_stages=config.num_stages,
             ),

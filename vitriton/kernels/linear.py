@@ -52,12 +52,13 @@ def check_activation(activation: str | None) -> None:
 
 # How the sigmoid-shaped activations (quick_gelu, gelu_pytorch_tanh) evaluate their tanh on CUDA for 16-bit outputs:
 # "f32" one tanh.approx.f32 (PTX ISA: relative error about 2^-11, under half an fp16 rounding step) in place of the
-# sigmoid's ex2 and reciprocal; "bf16x2" tanh.approx.bf16x2, two elements an instruction, for bf16 outputs; "sigmoid"
-# the exact-rounding form, which fp32 outputs and the interpreter always take. The epilogue's special-function work
-# is what the main loop of this non-warp-specialised kernel waits for. fc1 at b128 against cuBLAS F.linear + bias
-# (H100, benchmarks/bench_gemm.py, results/h100/session17): L/14 quick_gelu sigmoid 0.84x, f32 0.89x, bf16x2 0.92x;
-# so400m gelu_pytorch_tanh 0.88x, 0.93x, 0.98x (cuBLASLt's GELU epilogue 0.93x); relative error of the bf16 output
-# against the fp32 activation 2.5e-3 (f32) and 3.0e-3 (bf16x2), where rounding to bf16 alone gives 2.4e-3.
+# sigmoid's ex2 and reciprocal; "bf16x2" tanh.approx.bf16x2, two elements an instruction, for bf16 outputs;
+# "sigmoid" tl.sigmoid (ex2 and a reciprocal), which fp32 outputs and the interpreter always take. The epilogue's
+# special-function work is what the main loop of this non-warp-specialised kernel waits for. fc1 at b128 against
+# cuBLAS F.linear + bias (H100, benchmarks/bench_gemm.py, results/h100/session17): L/14 quick_gelu sigmoid 0.84x,
+# f32 0.89x, bf16x2 0.92x; so400m gelu_pytorch_tanh 0.88x, 0.93x, 0.98x (cuBLASLt's GELU epilogue 0.93x); relative
+# error of the bf16 output against the fp32 activation 2.5e-3 (f32) and 3.0e-3 (bf16x2), where rounding to bf16
+# alone gives 2.4e-3.
 TANH_FORMS = ("f32", "bf16x2", "sigmoid")
 FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2"}
 
