@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, SiglipConfig, SiglipModel
 
 import vitriton
 from tests.encoders import models
@@ -200,6 +200,31 @@ def test_llava_style_prefix(clip_pair, tmp_path):
     px = models.pixels(2, 40, seed=9)
     ref = hf.vision_model(pixel_values=px, output_hidden_states=True)
     assert_pooled_output(tower(px, output_hidden_states=True), ref, "llava prefix")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_towers_of_no_layers(family):
+    """num_hidden_layers=0: the embeddings go straight to the head, and hidden_states is empty, as in transformers."""
+    torch.manual_seed(2)
+    empty = dict(num_hidden_layers=0)
+    if family == "clip":
+        config = CLIPConfig(text_config={**models.CLIP_TEXT, **empty}, vision_config={**models.CLIP_VISION, **empty})
+        hf, size = CLIPModel(config).eval(), models.CLIP_VISION["image_size"]
+    else:
+        config = SiglipConfig(
+            text_config={**models.SIGLIP_TEXT, **empty}, vision_config={**models.SIGLIP_VISION, **empty}
+        )
+        hf, size = SiglipModel(config).eval(), models.SIGLIP_VISION["image_size"]
+    ours = vitriton.from_transformers(models.perturb_vectors(hf), device="cpu")
+    ids, mask = models.text(2, 6)
+    for tower, reference, inputs in (
+        (ours.vision_model, hf.vision_model, (models.pixels(2, size),)),
+        (ours.text_model, hf.text_model, (ids, mask)),
+    ):
+        got, expected = tower(*inputs, output_hidden_states=True), reference(*inputs, output_hidden_states=True)
+        assert got.hidden_states == () == expected.hidden_states
+        assert_pooled_output(got, expected, f"{family} {type(tower).__name__}")
 
 
 @torch.no_grad()

@@ -260,17 +260,19 @@ class Encoder(nn.Module):
         hidden: torch.Tensor,
         *,
         depth: int,
-        record: Sequence[int] = (),
+        record: Sequence[int] | None = None,
         causal: bool = False,
         key_padding_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> EncoderOutput:
         """Runs the first ``depth`` layers, recording the hidden states whose indices are in ``record``
-        (0 = the input, i = the output of layer i, as transformers numbers them)."""
+        (0 = the input, i = the output of layer i, as transformers numbers them); hidden_states is None when
+        ``record`` is, else a tuple (empty for an empty ``record``)."""
         chunks = self.overlap_chunks(hidden.shape[0])
-        if chunks > 1 and not record and not output_attentions:
+        if chunks > 1 and record is None and not output_attentions:
             return self.forward_overlapped(hidden, depth, chunks, causal=causal, key_padding_mask=key_padding_mask)
-        states = {0: hidden} if 0 in record else {}
+        wanted = set(record or ())
+        states = {0: hidden} if 0 in wanted else {}
         attentions = []
         delta, residual = hidden, None
         results = self.symmetric_results(depth, 1)
@@ -284,12 +286,12 @@ class Encoder(nn.Module):
                 symmetric_result=results[index],
             )
             attentions.append(weights)
-            if index + 1 in record:
+            if index + 1 in wanted:
                 states[index + 1] = delta + residual
         return EncoderOutput(
             delta,
             residual,
-            tuple(states[i] for i in record) if record else None,
+            None if record is None else tuple(states[i] for i in record),
             tuple(attentions) if output_attentions else None,
         )
 
@@ -453,7 +455,7 @@ class Tower(nn.Module):
             )
         except (TypeError, ValueError):
             return None
-        return tokens * (1 + len(record))
+        return tokens * (1 + len(record or ()))
 
     def input_tokens(self, arguments: dict) -> int | None:
         """Tokens in a call's input (batch x sequence), or None when it is not the usual batch-first tensor."""
@@ -465,8 +467,9 @@ class Tower(nn.Module):
         output_attentions: bool | None,
         return_dict: bool | None,
         feature_layers: int | Sequence[int] | None,
-    ) -> tuple[list[int], int, bool, bool]:
-        """Returns ``(record, depth, output_attentions, return_dict)``.
+    ) -> tuple[list[int] | None, int, bool, bool]:
+        """Returns ``(record, depth, output_attentions, return_dict)``; ``record`` is None when no hidden states
+        are asked for.
 
         With ``feature_layers``, hidden_states holds the requested layers in the order asked, and the layers after
         the deepest one are not run; unless that is the last layer, last_hidden_state is the deepest requested
@@ -484,7 +487,8 @@ class Tower(nn.Module):
             record = resolve_feature_layers(feature_layers, total)
             depth = max(record)
         else:
-            record = list(range(total + 1)) if output_hidden_states else []
+            # transformers records each layer's input and the last layer's output: nothing for a tower of no layers
+            record = (list(range(total + 1)) if total else []) if output_hidden_states else None
             depth = total
         built = len(self.encoder.layers)
         if depth > built:
