@@ -37,15 +37,15 @@ def test_bad_pixels(clip, pixels, match):
 
 
 @torch.no_grad()
-def test_siglip_takes_any_size_with_the_config_patch_grid():
-    """transformers' SigLIP embeddings check no image size, only that the patch grid fits the position table
-    (35 px with patch 7: 5x5); CLIP's insist on the config's size (above)."""
+def test_siglip_takes_any_size_with_the_config_patch_count():
+    """transformers' SigLIP embeddings check no image size, only that the patches fit the position table
+    (35 px with patch 7: 25); CLIP's insist on the config's size (above)."""
     hf = models.siglip_model().vision_model.eval()
     ours = vitriton.from_transformers(hf, dtype=torch.float32)
     same_grid = models.pixels(2, (39, 41), seed=1)  # 39 // 7 == 41 // 7 == 5
     err = (ours(same_grid).pooler_output - hf(same_grid).pooler_output).norm() / hf(same_grid).pooler_output.norm()
     assert err <= 1e-4
-    with pytest.raises(ValueError, match="6x5 patch grid; the config's 35x35 gives 5x5"):
+    with pytest.raises(ValueError, match="gives 30 patches of 7 pixels; the position table holds 25"):
         ours(models.pixels(1, (42, 35)))
 
 

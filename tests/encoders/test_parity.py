@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, SiglipConfig, SiglipModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel
 
 import vitriton
 from tests.encoders import models
@@ -225,6 +225,37 @@ def test_towers_of_no_layers(family):
         got, expected = tower(*inputs, output_hidden_states=True), reference(*inputs, output_hidden_states=True)
         assert got.hidden_states == () == expected.hidden_states
         assert_pooled_output(got, expected, f"{family} {type(tower).__name__}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu_python", "relu", "silu"])
+def test_activations_beyond_the_fused_ones(act):
+    """Aliases of a fused activation run fused; any other of transformers' activations runs after fc1."""
+    torch.manual_seed(3)
+    hf = CLIPVisionModel(CLIPVisionConfig(**{**models.CLIP_VISION, "hidden_act": act})).eval()
+    ours = vitriton.from_transformers(models.perturb_vectors(hf), device="cpu")
+    pixels = models.pixels(2, models.CLIP_VISION["image_size"])
+    assert_pooled_output(ours(pixels), hf(pixels), act)
+
+
+def test_an_unknown_activation_is_named():
+    hf = CLIPVisionModel(CLIPVisionConfig(**{**models.CLIP_VISION, "hidden_act": "gelu"})).eval()
+    hf.config.hidden_act = "nope"
+    with pytest.raises(ValueError, match="hidden_act 'nope' is not one of transformers' activations"):
+        vitriton.from_transformers(hf, device="cpu")
+
+
+@torch.no_grad()
+def test_siglip_takes_any_grid_of_its_patch_count(siglip_pair):
+    """As transformers: a 1 x 25 grid where the config's is 5 x 5 (the position table added row by row, the pixels
+    that fill no whole patch dropped); a patch count the table does not hold raises."""
+    hf, _, ours = siglip_pair
+    patch, size = models.SIGLIP_VISION["patch_size"], models.SIGLIP_VISION["image_size"]
+    count = (size // patch) ** 2
+    pixels = torch.randn(2, 3, patch + 2, patch * count + 3, generator=torch.Generator().manual_seed(5))
+    assert_pooled_output(ours.vision_model(pixels), hf.vision_model(pixels), "siglip 1 x 25 grid")
+    with pytest.raises(ValueError, match=f"gives {count - 1} patches"):
+        ours.vision_model(pixels[:, :, :, : patch * (count - 1)])
 
 
 @torch.no_grad()

@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.graphs import AutoGraphs, replayable
 from vitriton.kernels._dispatch import autograd_records, eager_mode, eager_override, interpreting
 from vitriton.kernels.attention import allowed_keys, attention
 from vitriton.kernels.layernorm import layer_norm
-from vitriton.kernels.linear import check_activation, linear
+from vitriton.kernels.linear import ACTIVATIONS, linear
 from vitriton.parallel import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -149,16 +150,26 @@ class Attention(nn.Module):
         return self.out_proj(out, pending, symmetric_result), None
 
 
+# transformers activations that are a fused one written another way (ACT2FN's gelu_new and gelu_fast are the tanh
+# approximation, gelu_python the erf form): they run fused too.
+FUSED_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh", "gelu_python": "gelu"}
+
+
 class MLP(nn.Module):
-    """fc1 (column-parallel, activation fused into its epilogue) -> fc2 (row-parallel)."""
+    """fc1 (column-parallel, activation fused into its epilogue) -> fc2 (row-parallel). An activation the GEMM
+    epilogue does not have (relu, silu, ...) runs after fc1 as transformers' own ``ACT2FN`` module."""
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
-        check_activation(config.hidden_act)
-        self.activation = config.hidden_act
+        act = config.hidden_act
+        fused = FUSED_ALIASES.get(act, act) if isinstance(act, str) else None
+        if fused is not None and fused in ACTIVATIONS:
+            self.activation, self.separate_activation = fused, None
+        else:
+            self.activation, self.separate_activation = None, separate_activation(act)
         hidden, inner = config.hidden_size, config.intermediate_size
-        # Each rank's share of the inner dimension is padded to whole 16 bytes (``SHARD_MULTIPLE``): every
-        # supported activation maps 0 to 0, so the padded columns stay zero and meet zero columns of fc2.
+        # Each rank's share of the inner dimension is padded to whole 16 bytes (``SHARD_MULTIPLE``): the padded
+        # columns of fc1 are zero before the activation, and fc2's zero columns cancel whatever it makes of them.
         self.fc1 = ColumnParallelLinear.load(
             join(prefix, "fc1"), weights, in_features=hidden, out_features=inner, what="intermediate_size", pad=True
         )
@@ -169,7 +180,19 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, pending: list | None = None, symmetric_result: str | None = None
     ) -> torch.Tensor:
-        return self.fc2(self.fc1(x, self.activation), pending, symmetric_result)
+        inner = self.fc1(x, self.activation)
+        if self.separate_activation is not None:
+            inner = self.separate_activation(inner)
+        return self.fc2(inner, pending, symmetric_result)
+
+
+def separate_activation(act) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' module for ``hidden_act`` (a name in ``ACT2FN``, or a callable as configs may hold)."""
+    if callable(act):
+        return act
+    if act not in ACT2FN:
+        raise ValueError(f"hidden_act {act!r} is not one of transformers' activations ({', '.join(sorted(ACT2FN))})")
+    return ACT2FN[act]
 
 
 class EncoderLayer(nn.Module):
@@ -571,21 +594,22 @@ class PatchEmbeddings(nn.Module):
                     f"pass pixel_values.permute(0, 3, 1, 2) (batch, {self.num_channels}, height, width)"
                 )
             raise ValueError(f"pixel_values has {channels} channels; the config expects {self.num_channels}")
+        patches = (height // self.patch_size) * (width // self.patch_size)
         if interpolate_pos_encoding:
             if height < self.patch_size or width < self.patch_size:
                 raise ValueError(f"image size {height}x{width} is smaller than one {self.patch_size}-pixel patch")
         elif self.class_embedding is not None and (height, width) != (self.image_size, self.image_size):
-            # As transformers: CLIP's embeddings want the config's image size, SigLIP's only its patch grid (the
-            # bottom and right pixels that do not fill a whole patch are dropped).
+            # As transformers: CLIP's embeddings want the config's image size, SigLIP's only as many patches as its
+            # position table holds, in any grid, the table added row by row (or a table of one position, added to
+            # every patch); the bottom and right pixels that do not fill a whole patch are dropped.
             raise ValueError(
                 f"image size {height}x{width} does not match the config's {self.image_size}x{self.image_size}; "
                 f"pass interpolate_pos_encoding=True to run other sizes"
             )
-        elif (height // self.patch_size, width // self.patch_size) != (self.image_size // self.patch_size,) * 2:
-            grid = self.image_size // self.patch_size
+        elif self.class_embedding is None and len(self.position_embedding) not in (1, patches):
             raise ValueError(
-                f"image size {height}x{width} gives a {height // self.patch_size}x{width // self.patch_size} patch "
-                f"grid; the config's {self.image_size}x{self.image_size} gives {grid}x{grid}: pass "
+                f"image size {height}x{width} gives {patches} patches of {self.patch_size} pixels; the position table "
+                f"holds {len(self.position_embedding)} (the config's {self.image_size}x{self.image_size}): pass "
                 f"interpolate_pos_encoding=True to run other sizes"
             )
 
@@ -662,7 +686,7 @@ class PatchEmbeddings(nn.Module):
             tokens[:, 0] = self.class_embedding
         # Out of place: under autocast the tokens are in the autocast dtype and the sum in the table's, as in
         # transformers.
-        return tokens + self.positions(grid_h, grid_w)
+        return tokens + (self.positions(grid_h, grid_w) if interpolate_pos_encoding else self.position_embedding)
 
 
 class TextEmbeddings(nn.Module):

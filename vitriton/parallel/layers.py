@@ -111,8 +111,8 @@ class ColumnParallelLinear(ReplicatedLinear):
     ) -> ColumnParallelLinear:
         """Reads rows ``shard`` of ``{prefix}.weight`` (out, in); ``unit`` keeps whole heads on a rank. ``pad``:
         under tensor parallelism, zero rows (and bias) up to a multiple of ``SHARD_MULTIPLE``, for an output
-        whose padded columns an activation with act(0) = 0 keeps at zero and the next row-parallel linear
-        (loaded with ``pad`` too) multiplies by zero columns."""
+        whose padded columns the next row-parallel linear (loaded with ``pad`` too) multiplies by zero columns,
+        whatever finite values an activation makes of them."""
         shard = even_shard(out_features, weights.rank, weights.world_size, what=f"{prefix}: {what}", unit=unit)
         weight = weights.get_sharded(join(prefix, "weight"), 0, shard, shape=(out_features, in_features))
         b = weights.get_sharded(join(prefix, "bias"), 0, shard, shape=(out_features,)) if bias else None
