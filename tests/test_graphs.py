@@ -592,7 +592,7 @@ def test_a_layout_binds_every_call_as_inspect_does(function):
 def test_a_steady_call_is_bound_once_and_looked_up_after(cpu_clip, monkeypatch):
     """Calls that differ only in tensor values reuse their binding; metadata, options and the grad mode do not."""
     vision = cpu_clip.vision_model
-    runner = _FakeRunner(vision, None, forward=graphs._TowerMethod(vision, type(vision).forward.__wrapped__))
+    runner = _FakeRunner.for_tower(vision, None)
     size = models.CLIP_VISION["image_size"]
     first = runner.bind((models.pixels(1, size, seed=1),), {})
     binds = []

@@ -358,6 +358,20 @@ class CUDAGraphRunner:
         self._pool = pool
         self._guard = _Guard() if guard is None else guard
 
+    @classmethod
+    def for_tower(
+        cls,
+        tower: nn.Module,
+        batch_sizes: Iterable[int] | None,
+        forward: Callable[..., Any] | None = None,
+        **kwargs: Any,
+    ) -> CUDAGraphRunner:
+        """A runner of a vitriton tower's eager ``forward`` (by default its class's, undecorated), with the tower's
+        graph context in every key; both hold the tower weakly (``_TowerMethod``)."""
+        forward = type(tower).forward.__wrapped__ if forward is None else forward
+        context = _TowerMethod(tower, type(tower).graph_context)
+        return cls(tower, batch_sizes, forward=_TowerMethod(tower, forward), context=context, **kwargs)
+
     @staticmethod
     def device_of(model: nn.Module) -> torch.device:
         """The CUDA device of ``model``'s parameters, or a clear error."""
@@ -687,13 +701,7 @@ class AutoGraphs:
             self.reset()
             self._fingerprint = fingerprint
         if self._runner is None:
-            self._runner = self.runner_cls(
-                tower,
-                None,
-                warmup=1,
-                forward=_TowerMethod(tower, forward),
-                context=_TowerMethod(tower, type(tower).graph_context),
-            )
+            self._runner = self.runner_cls.for_tower(tower, None, forward, warmup=1)
         runner = self._runner
         call = runner.bind(args, kwargs)
         if call is None:
@@ -817,9 +825,7 @@ def enable_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int]
         if isinstance(tower.__dict__.get("forward"), CUDAGraphRunner):
             del tower.forward
         if batch_sizes is not None:
-            eager = _TowerMethod(tower, type(tower).forward.__wrapped__)
-            context = _TowerMethod(tower, type(tower).graph_context)
-            tower.forward = CUDAGraphRunner(tower, batch_sizes, forward=eager, pool=pool, context=context, guard=guard)
+            tower.forward = CUDAGraphRunner.for_tower(tower, batch_sizes, pool=pool, guard=guard)
     return model
 
 

@@ -166,7 +166,7 @@ class MLP(nn.Module):
         if fused is not None and fused in ACTIVATIONS:
             self.activation, self.separate_activation = fused, None
         else:
-            self.activation, self.separate_activation = None, separate_activation(act)
+            self.activation, self.separate_activation = None, activation_module(act)
         hidden, inner = config.hidden_size, config.intermediate_size
         # Each rank's share of the inner dimension is padded to whole 16 bytes (``SHARD_MULTIPLE``): the padded
         # columns of fc1 are zero before the activation, and fc2's zero columns cancel whatever it makes of them.
@@ -186,7 +186,7 @@ class MLP(nn.Module):
         return self.fc2(inner, pending, symmetric_result)
 
 
-def separate_activation(act) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
+def activation_module(act) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
     """transformers' module for ``hidden_act`` (a name in ``ACT2FN``, or a callable as configs may hold)."""
     if callable(act):
         return act
