@@ -57,8 +57,7 @@ CPU_CASES = [("cpu smoke", 1, 2, 33, 72, False)]
 CASES = GPU_CASES if ON_GPU else CPU_CASES
 PEERS = ["sdpa", "cudnn", "flash"] if ON_GPU else ["sdpa"]
 
-# Candidates for --sweep: (block_m, block_n, num_warps, num_stages), each with and without the tail split, and
-# for head dims that are not powers of two, with the head padded to one chunk and split.
+# Candidates for --sweep: (block_m, block_n, num_warps, num_stages), each with and without the tail split.
 SWEEP_TILES = [
     (128, 64, 4, 3),
     (128, 64, 4, 4),
@@ -178,20 +177,13 @@ def sweep(case, dtype: torch.dtype) -> list[dict[str, object]]:
     name, batch, heads, seq, head_dim, masked = case
     q, k, v, mask = make_inputs(case, dtype)
     out = torch.empty(batch, seq, heads * head_dim, dtype=dtype, device=DEVICE)
-    pads = (False, True) if head_dim & (head_dim - 1) else (False,)  # a power of two has nothing to pad
-    configs = [
-        AttentionConfig(*tile, split_tail=split, pad_head=pad)
-        for tile in SWEEP_TILES
-        for split in (True, False)
-        for pad in pads
-    ]
+    configs = [AttentionConfig(*tile, split_tail=split) for tile in SWEEP_TILES for split in (True, False)]
     # Without a ragged tail of at most half a tile, split_tail changes nothing: time those once.
     configs = [c for c in configs if c.split_tail or 0 < seq % c.block_m <= c.block_m // 2]
     rows = []
     for config in configs:
         label = f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
         label += " split" if config.split_tail and 0 < seq % config.block_m <= config.block_m // 2 else ""
-        label += " padded" if config.pad_head else ""
         fn = functools.partial(attention_triton, q, k, v, causal=masked, key_padding_mask=mask, out=out, config=config)
         try:
             ms = median_ms(fn, warmup=3 if ON_GPU else 1, reps=20 if ON_GPU else 1)

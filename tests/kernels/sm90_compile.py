@@ -9,7 +9,6 @@ TRITON_INTERPRET (``test_sm90_compile.py`` starts it in a subprocess).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -105,20 +104,20 @@ def qkv_cases() -> Iterator[Case]:
 
 
 def attention_cases() -> Iterator[Case]:
-    """The tiles ``pick_config`` gives the reference shapes (head dims 64, 72, 80, 104, 256), the causal, masked
-    text tower, and head dim 104 padded to one chunk (``AttentionConfig.pad_head``)."""
-    shapes = [(64, 577, False, False), (72, 729, False, False), (80, 257, False, False), (104, 257, False, False)]
-    shapes += [(256, 197, False, False), (64, 77, True, False), (104, 257, False, True)]
-    for head_dim, seq, text, pad in shapes:
+    """The tiles ``pick_config`` gives the reference shapes (head dims 64, 72, 80, 104, 256, and 104 at a long
+    sequence), and the causal, masked text tower."""
+    shapes = [(64, 577, False), (72, 729, False), (80, 257, False), (104, 257, False), (104, 577, False)]
+    shapes += [(256, 197, False), (64, 77, True)]
+    for head_dim, seq, text in shapes:
         config = attention.pick_config(head_dim, seq, 128 * 16, torch.bfloat16, 132)
-        _, tiles = attention.tile_constants(head_dim, seq, dataclasses.replace(config, pad_head=pad))
+        _, tiles = attention.tile_constants(head_dim, seq, config)
         align = min(head_dim & -head_dim, 16)
         types = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
         types["keep_ptr"] = "*i1" if text else "*bf16"
         types.update(strides("qb", "qh", "qs", "qd", "kb", "kh", "ks", "kd", "vb", "vh", "vs", "vd", "ob", "os", "oc"))
         types.update(strides("mb", "mk"), heads="i32", seq="i32", full_tiles="i32", qk_scale="fp32")
         yield Case(
-            f"attention hd{head_dim} S{seq}{' causal masked' if text else ''}{' padded' if pad else ''}",
+            f"attention hd{head_dim} S{seq}{' causal masked' if text else ''}",
             attention._attention_fwd_kernel,
             types,
             dict(**tiles, ALIGN=align, O_ALIGN=align, CAUSAL=text, HAS_MASK=text, PRECISION="tf32"),

@@ -411,9 +411,6 @@ class AttentionConfig:
     num_warps: int
     num_stages: int
     split_tail: bool = True
-    # One column chunk of the next power of two (104 -> 128: 23% more MMA work, one dot a step) instead of the
-    # power-of-two split (64 + 32 + 16: three dots); the sweep times both (``benchmarks/bench_attention.py``).
-    pad_head: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -440,7 +437,7 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int, int]:
 
 def tile_constants(head_dim: int, seq: int, config: AttentionConfig) -> tuple[int, dict[str, int]]:
     """(full query tiles, the kernel's head-chunk and tile constexprs) for ``config`` at ``head_dim`` and ``seq``."""
-    d0, d1, d2 = (max(16, triton.next_power_of_2(head_dim)), 0, 0) if config.pad_head else head_dim_chunks(head_dim)
+    d0, d1, d2 = head_dim_chunks(head_dim)
     full_tiles, tail_m = query_tiles(seq, config.block_m, config.split_tail)
     rest_n = seq % config.block_n
     tail_n = max(16, triton.next_power_of_2(rest_n)) if rest_n else 0
@@ -474,12 +471,14 @@ def pick_config(head_dim: int, seq: int, batch_heads: int, dtype: torch.dtype, s
         # CLIP text (77 tokens): one 128-row tile per (batch, head).
         return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=4, split_tail=False)
     few_programs = batch_heads * triton.cdiv(seq, 128) < 2 * sm_count
+    if seq < 384:
+        # S 197 and 257: 64 x 32 tiles waste the fewest padded rows and give the most programs; at head_dim 104
+        # (bigG, 64 + 32 + 16 columns) 166.8 TF/s against 161.4 for 128 x 32 with the tail split and cuDNN's 164
+        # (results/h100/session18/attention_sweep_bigG.log; padding the head to one 128-wide chunk lost there).
+        return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, split_tail=False)
     if padded > 80:
         # head_dim 104 (64 + 32 + 16 columns): narrow key blocks keep three accumulators in registers.
         return AttentionConfig(block_m=128, block_n=32, num_warps=4, num_stages=3, split_tail=True)
-    if seq < 384:
-        # S 197 and 257: 64 x 32 tiles waste the fewest padded rows and give the most programs.
-        return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, split_tail=False)
     if padded <= 64 or few_programs:
         # S 577 at head_dim 64 (288 TF/s, cuDNN 294), and batch-1 latency: twice the programs of 128-row tiles.
         return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tail=False)
