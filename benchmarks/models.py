@@ -334,8 +334,15 @@ def _hf_compile_mode(mode: str) -> Callable[[BuildContext], Encoder]:
     return build
 
 
-def build_vitriton_compile(ctx: BuildContext) -> Encoder:
-    return torch.compile(_vitriton_model(ctx, cuda_graphs=False), fullgraph=True, dynamic=ctx.compile_dynamic)
+def _vitriton_compile_mode(mode: str, cuda_graphs: Any = "auto") -> Callable[[BuildContext], Encoder]:
+    """torch.compile(fullgraph=True) of vitriton as loaded (its towers then run as one op each, replaying their
+    automatic graphs where the plain call would), or with ``cuda_graphs=False`` (traced through the kernels)."""
+
+    def build(ctx: BuildContext) -> Encoder:
+        model = _vitriton_model(ctx, cuda_graphs=cuda_graphs)
+        return torch.compile(model, fullgraph=True, dynamic=ctx.compile_dynamic, mode=mode)
+
+    return build
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -353,8 +360,13 @@ PROVIDERS: dict[str, Provider] = {
                  _transformers(lambda ctx: _hf_model(ctx, "eager"))),
         Provider("hf-sdpa", "transformers, attn_implementation='sdpa'",
                  _transformers(lambda ctx: _hf_model(ctx, "sdpa"))),
-        Provider("vitriton-compile", "torch.compile(fullgraph=True) of vitriton", build_vitriton_compile,
-                 uses_vitriton=True, needs_cuda=True, compiles=True),
+        Provider("vitriton-compile", "torch.compile(fullgraph=True) of vitriton as loaded",
+                 _vitriton_compile_mode("default"), uses_vitriton=True, needs_cuda=True, compiles=True),
+        Provider("vitriton-compile-ro", "torch.compile(fullgraph=True, mode='reduce-overhead') of vitriton as loaded",
+                 _vitriton_compile_mode("reduce-overhead"), uses_vitriton=True, needs_cuda=True, compiles=True),
+        Provider("vitriton-compile-nographs", "torch.compile(fullgraph=True) of vitriton with cuda_graphs=False",
+                 _vitriton_compile_mode("default", cuda_graphs=False), uses_vitriton=True, needs_cuda=True,
+                 compiles=True),
         Provider("hf-compile", "torch.compile of transformers sdpa", _transformers(build_hf_compile),
                  compiles=True),
         Provider("hf-compile-ro", "torch.compile(mode='reduce-overhead') of transformers sdpa",

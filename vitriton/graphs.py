@@ -44,6 +44,7 @@ instance, a deleted layer) drop the tower's graphs. ``cuda_graphs=False`` or ``V
 
 from __future__ import annotations
 
+import ast
 import bisect
 import contextlib
 import functools
@@ -64,6 +65,8 @@ from torch.nn.modules import module as _module
 from torch.overrides import _get_current_function_mode_stack as _function_modes
 from torch.utils._device import DeviceContext
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_modes
+
+from vitriton.kernels._dispatch import eager_mode
 
 # Powers of two up to 128: padding wastes at most half a bucket, and graphs are captured lazily, so buckets
 # a workload never reaches cost nothing. Past 128 rows an encoder is compute-bound and runs eagerly.
@@ -623,6 +626,8 @@ class AutoGraphs:
 
     def __init__(self, enabled: bool | None = None):
         self.enabled = auto_default() if enabled is None else bool(enabled)
+        # How a compiled graph names this tower to the op it calls (``tower_op``): set by ``attach``.
+        self.handle: int | None = None
         # The tower's structure, cached until a registration anywhere bumps _structure["version"].
         self._version = -1
         # Its submodules (not the tower itself: a reference to it here would be a cycle that keeps a deleted
@@ -635,6 +640,11 @@ class AutoGraphs:
 
     def __reduce__(self):
         return AutoGraphs, (self.enabled,)
+
+    def attach(self, tower: nn.Module) -> None:
+        """Makes this the graphs of ``tower`` for compiled calls: a handle that ``tower_op`` finds it by."""
+        self.handle = next(_handles)
+        _ATTACHED[self.handle] = tower
 
     def reset(self) -> None:
         self._runner: CUDAGraphRunner | None = None
@@ -765,18 +775,141 @@ class AutoGraphs:
 
 
 def replayable(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorates a tower's ``forward`` so that calls go through the tower's :class:`AutoGraphs`."""
+    """Decorates a tower's ``forward`` so that calls go through the tower's :class:`AutoGraphs`, also from a
+    compiled graph (:func:`compiled_call`)."""
+    positional = tuple(inspect.signature(forward).parameters)[1:]
+    forward_id = len(_FORWARDS)
+    _FORWARDS.append(forward)
 
     @functools.wraps(forward)
     def call(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            return forward(self, *args, **kwargs)
+            out = compiled_call(self, forward_id, positional, args, kwargs)
+            return forward(self, *args, **kwargs) if out is None else out
         graphs = self.__dict__.get("auto_graphs")
         if graphs is None or not graphs.enabled:
             return forward(self, *args, **kwargs)
         return graphs(self, forward, args, kwargs)
 
     return call
+
+
+# Towers under torch.compile (issue 9): a compiled graph that traced a tower's kernels one by one launches each of
+# them from the host on every call, so at batch 1 it was slower than the plain call that replays the tower's
+# automatic graph (ViT-L/14-336 on an H100: 6.2 against 1.9 ms). Where the plain call could replay, torch.compile
+# sees the tower as one opaque op instead (``vitriton::tower``): at run time the op makes the plain call (its
+# automatic graph, or eagerly what a graph cannot serve), and the compiled graph fuses what lies around it.
+_FORWARDS: list[Callable[..., Any]] = []  # the forwards ``replayable`` decorated, by the id the op passes
+_ATTACHED: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()  # towers by handle
+_handles = itertools.count(1)
+_CONSTANTS = (bool, int, float, str, type(None))
+
+
+def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
+    """A tower's output from the opaque op, traced by dynamo; None where the call must be traced through instead:
+    while exporting (the op names a tower of this process), with grad on (the op has no backward), under
+    autocast, under tensor parallelism, with the automatic graphs off, on another device than theirs, with
+    ``output_attentions``, or with arguments other than tensors and constants."""
+    graphs = getattr(tower, "auto_graphs", None)
+    if not isinstance(graphs, AutoGraphs) or not graphs.enabled or graphs.handle is None:
+        return None
+    if torch.compiler.is_exporting() or torch.is_grad_enabled() or torch.is_autocast_enabled(graphs.device_type):
+        return None
+    if len(args) > len(positional) or tower.tensor_parallel:
+        return None
+    named = dict(zip(positional[: len(args)], args, strict=True))
+    named.update(kwargs)
+    names, tensors, options = [], [], []
+    for name, value in named.items():
+        if isinstance(value, torch.Tensor):
+            if value.device.type != graphs.device_type:
+                return None
+            names.append(name)
+            tensors.append(value)
+        elif isinstance(value, _CONSTANTS) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, _CONSTANTS) for v in value)
+        ):
+            options.append((name, value))
+        else:
+            return None
+    if not tensors:
+        return None
+    record, _, attentions, return_dict = tower.options(
+        named.get("output_hidden_states"), named.get("output_attentions"), named.get("return_dict"),
+        named.get("feature_layers"),
+    )  # fmt: skip
+    if attentions:
+        return None
+    flat = tower_op(graphs.handle, forward_id, tensors, repr((tuple(names), tuple(options))))
+    states = 0 if record is None else len(record)
+    pooled = flat[1] if len(flat) == states + 2 else None
+    hidden_states = None if record is None else tuple(flat[len(flat) - states :])
+    return tower.assemble(flat[0], pooled, hidden_states, return_dict)
+
+
+@functools.lru_cache(maxsize=256)
+def _arguments(text: str) -> tuple:
+    return ast.literal_eval(text)
+
+
+def _opaque_call(handle: int, forward_id: int, tensors: list[torch.Tensor], arguments: str) -> tuple:
+    """(tower, forward, keyword arguments) of a call ``vitriton::tower`` makes: ``arguments`` is the repr of
+    (the tensors' names, (name, value) of the other arguments); ``return_dict`` on, since the op returns the
+    output's tensors and the traced caller puts them together as the caller asked."""
+    tower = _ATTACHED.get(handle)
+    if tower is None:
+        raise RuntimeError(
+            "vitriton::tower: the tower this compiled graph was traced with no longer exists; compile the model again"
+        )
+    names, options = _arguments(arguments)
+    kwargs = dict(options)
+    kwargs.update(zip(names, tensors, strict=True))
+    kwargs["return_dict"] = True
+    return tower, _FORWARDS[forward_id], kwargs
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """last_hidden_state, pooler_output where there is one, then the hidden states."""
+    tensors = [output.last_hidden_state]
+    if output.pooler_output is not None:
+        tensors.append(output.pooler_output)
+    tensors.extend(output.hidden_states or ())
+    return tensors
+
+
+def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors``, each contiguous and none sharing memory with another (an op's outputs may not alias)."""
+    result, seen = [], set()
+    for tensor in tensors:
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        result.append(tensor)
+    return result
+
+
+@torch.library.custom_op("vitriton::tower", mutates_args=())
+def tower_op(handle: int, forward_id: int, tensors: list[torch.Tensor], arguments: str) -> list[torch.Tensor]:
+    """A tower's plain call (its automatic graph where one serves it) from a compiled graph: :func:`compiled_call`."""
+    tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, arguments)
+    return _unaliased(_output_tensors(tower.auto_graphs(tower, forward, (), kwargs)))
+
+
+@tower_op.register_fake
+def _tower_fake(handle, forward_id, tensors, arguments):
+    """The outputs' shapes and dtypes: the forward run on the fake inputs with the reference ops, the tower's real
+    parameters taken into the fake mode as they are read."""
+    tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, arguments)
+    mode = torch._guards.detect_fake_mode(tensors)
+    allowed = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        with eager_mode(), torch.no_grad():
+            output = forward(tower, **kwargs)
+    finally:
+        mode.allow_non_fake_inputs = allowed
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in _output_tensors(output)]
 
 
 def check_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int]) -> tuple[int, ...] | None:
@@ -822,6 +955,7 @@ def enable_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int]
     guard = _Guard()
     for tower in towers:
         tower.auto_graphs = AutoGraphs(enabled=cuda_graphs == "auto" and auto_default())  # frees the old graphs
+        tower.auto_graphs.attach(tower)
         if isinstance(tower.__dict__.get("forward"), CUDAGraphRunner):
             del tower.forward
         if batch_sizes is not None:

@@ -50,3 +50,107 @@ def test_compiled_matches_eager_and_checks_ids(clip):
     ids[0, 1] = 99
     with pytest.raises(RuntimeError, match="token id is outside the vocabulary of 99 tokens"):
         compiled(ids, mask)
+
+
+# Compiled towers as one opaque op (vitriton.graphs.compiled_call). On the CPU the automatic graphs are fakes
+# (tests.test_graphs._FakeRunner): a replay returns the captured call's outputs, so a compiled call that went
+# through a tower's graphs is told apart from one traced through its kernels.
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    from tests.test_graphs import _FakeRunner
+    from vitriton.graphs import AutoGraphs
+
+    monkeypatch.setattr(AutoGraphs, "device_type", "cpu")
+    monkeypatch.setattr(AutoGraphs, "runner_cls", _FakeRunner)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def graph_ops(fn, *args, **kwargs) -> list[str]:
+    report = explain(fn, *args, **kwargs)
+    assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
+    return [str(node.target) for graph in report.graphs for node in graph.graph.nodes if node.op == "call_function"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_compiled_towers_are_one_op_each(family, fake_graphs):
+    source = models.clip_model() if family == "clip" else models.siglip_model()
+    model = vitriton.from_transformers(source, device="cpu")
+    size = models.CLIP_VISION["image_size"] if family == "clip" else models.SIGLIP_VISION["image_size"]
+    px, (ids, mask) = models.pixels(1, size), models.text(1, 6)
+    full = model(ids, px, mask)  # plain, first call of each tower: eager
+    ops = graph_ops(model, ids, px, mask)
+    assert ops.count("vitriton.tower.default") == 2, ops
+    assert not [op for op in ops if op.startswith(("vitriton.attention", "vitriton.layer_norm"))], ops
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(ids, px, mask)  # second call of each shape: captured, then replayed
+    torch.testing.assert_close(out.logits_per_image, full.logits_per_image)
+    assert len(model.vision_model.auto_graphs.captured) == len(model.text_model.auto_graphs.captured) == 1
+    other = models.pixels(1, size, seed=7)
+    replayed = compiled(ids, other, mask).image_embeds  # a fake replay returns the captured call's outputs
+    torch.testing.assert_close(replayed, out.image_embeds)
+    model.vision_model.auto_graphs.enabled = False  # a guard: traced again, through the kernels
+    own = model.get_image_features(other).pooler_output
+    assert not torch.allclose(own, replayed)
+    torch.testing.assert_close(compiled(ids, other, mask).image_embeds, own / own.norm(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def test_compiled_tower_options_and_batch_sizes(fake_graphs):
+    """Hidden states, feature layers, tuples and a batch of another size come out as the plain call gives them."""
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    compiled = torch.compile(tower, fullgraph=True, backend="aot_eager")
+    size = models.CLIP_VISION["image_size"]
+    for batch, kwargs in (
+        (1, dict(output_hidden_states=True)),
+        (2, dict(output_hidden_states=True, return_dict=False)),
+        (3, dict(feature_layers=(1, -2))),
+        (2, dict(feature_layers=1, return_dict=False)),
+    ):
+        px = models.pixels(batch, size, seed=batch)
+        got, want = compiled(px, **kwargs), tower(px, **kwargs)
+        assert type(got) is type(want)
+        got, want = (got, want) if isinstance(want, tuple) else (got.to_tuple(), want.to_tuple())
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", ["grad", "graphs off", "attentions"])
+def test_compiled_towers_traced_through_where_graphs_do_not_serve(case, fake_graphs):
+    model = vitriton.from_transformers(models.clip_model(), device="cpu")
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    kwargs = dict(output_attentions=True) if case == "attentions" else {}
+    if case == "graphs off":
+        vitriton.enable_cuda_graphs(model, False)
+    with torch.set_grad_enabled(case == "grad"):
+        ops = graph_ops(model.vision_model, px, **kwargs)
+    assert "vitriton.tower.default" not in ops and "vitriton.linear.default" in ops, ops
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_compiled_models_on_the_gpu_replay_their_towers(family, mode):
+    """torch.compile (inductor) of a whole model on CUDA: the towers' outputs equal the plain model's bitwise (the
+    same automatic graphs run, or under reduce-overhead the same kernels inside inductor's graph), and each tower
+    captured its call."""
+    torch._dynamo.reset()
+    source = models.clip_model() if family == "clip" else models.siglip_model()
+    model = vitriton.from_transformers(source, device="cuda", dtype=torch.bfloat16)
+    size = models.CLIP_VISION["image_size"] if family == "clip" else models.SIGLIP_VISION["image_size"]
+    px, (ids, mask) = models.pixels(2, size).cuda().bfloat16(), [t.cuda() for t in models.text(2, 6)]
+    plain = [model(ids, px, mask) for _ in range(3)][-1]
+    compiled = torch.compile(model, fullgraph=True, mode=mode)
+    for _ in range(3):
+        out = compiled(ids, px, mask)
+    for name in ("vision_model_output", "text_model_output"):
+        got, want = getattr(out, name), getattr(plain, name)
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=0, atol=0)
+    torch.testing.assert_close(out.logits_per_image, plain.logits_per_image)
+    assert model.vision_model.auto_graphs.captured and model.text_model.auto_graphs.captured
+    torch._dynamo.reset()

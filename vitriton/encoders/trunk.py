@@ -435,6 +435,12 @@ class Tower(nn.Module):
     def __init__(self):
         super().__init__()
         self.auto_graphs = AutoGraphs()
+        self.auto_graphs.attach(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if isinstance(self.__dict__.get("auto_graphs"), AutoGraphs):
+            self.auto_graphs.attach(self)  # a copy or an unpickled tower: its own handle
 
     @property
     def tensor_parallel(self) -> bool:
@@ -528,11 +534,21 @@ class Tower(nn.Module):
         """transformers' output from the encoder's and the head's: without the head (a tower stopped early by
         ``feature_layers``), last_hidden_state is the deepest state run and pooler_output is None."""
         last_hidden_state, pooler_output = (encoded.last(), None) if head is None else head
+        return Tower.assemble(last_hidden_state, pooler_output, encoded.hidden_states, return_dict, encoded.attentions)
+
+    @staticmethod
+    def assemble(
+        last_hidden_state: torch.Tensor,
+        pooler_output: torch.Tensor | None,
+        hidden_states: tuple[torch.Tensor, ...] | None,
+        return_dict: bool,
+        attentions: tuple[torch.Tensor, ...] | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
         output = BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
         return returned(output, return_dict)
 
