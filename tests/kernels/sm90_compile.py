@@ -80,6 +80,24 @@ def linear_cases() -> Iterator[Case]:
             )
 
 
+def linear_ws_cases() -> Iterator[Case]:
+    """The warp-specialised persistent kernel, which must come out specialised: ``setmaxnreg`` in the PTX is the
+    register split between its producer and consumer warpgroups (``ttg.warp_specialize`` in the TTGIR)."""
+    for activation, tanh in (("quick_gelu", "bf16x2"), ("gelu_pytorch_tanh", "bf16x2"), ("none", "f32")):
+        yield Case(
+            f"linear warp-specialised {activation} {tanh}",
+            linear._linear_ws_kernel,
+            {
+                **dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr", "out_ptr"), "*bf16"),
+                **GEMM_SCALARS,
+                **strides("xm", "wn"),
+            },
+            dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True, PROGRAMS=132, **TILE),
+            dict(num_warps=4, num_stages=4),
+            "setmaxnreg",
+        )
+
+
 def qkv_cases() -> Iterator[Case]:
     """The head-split epilogue at ViT-L (16 x 64) and so400m (16 x 72) heads, TMA and plain loads."""
     for heads, head_dim in ((16, 64), (16, 72)):
@@ -143,6 +161,7 @@ def layer_norm_cases() -> Iterator[Case]:
 
 def cases() -> Iterator[Case]:
     yield from linear_cases()
+    yield from linear_ws_cases()
     yield from qkv_cases()
     yield from attention_cases()
     yield from layer_norm_cases()

@@ -6,11 +6,14 @@ strides, alignment, flags) must build a new plan; results from the plan must equ
 
 from __future__ import annotations
 
+import contextvars
+
 import pytest
 import torch
+import triton
 
 from tests.helpers import DEVICE
-from vitriton.kernels import attention, layernorm, linear, qkv
+from vitriton.kernels import _launch, attention, layernorm, linear, qkv
 
 
 def _fail(*args, **kwargs):
@@ -113,3 +116,23 @@ def test_new_signature_builds_a_new_plan(op):
     offset = torch.empty(varying.numel() + 1, device=DEVICE)[1:].view(varying.shape).copy_(varying)
     torch.testing.assert_close(run(offset), reference(offset), rtol=1e-4, atol=1e-4)  # 4-byte aligned only
     assert module.PLANS.builds == 3
+
+
+def test_scratch_allocator_is_lent_only_where_none_is_set():
+    """A first launch lends triton torch's allocator for the call alone, and keeps a user's own allocator."""
+    from triton.runtime import _allocation
+
+    def user_allocator(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def check():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        with _launch.scratch_allocator():
+            assert _allocation._allocator.get() is _launch._torch_scratch
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        triton.set_allocator(user_allocator)
+        with _launch.scratch_allocator():
+            assert _allocation._allocator.get() is user_allocator
+        assert _allocation._allocator.get() is user_allocator
+
+    contextvars.copy_context().run(check)  # set_allocator stays inside this context

@@ -137,6 +137,62 @@ def test_linear_tma_interpreted(lead, k, n, activation, persistent):
         assert_matches_reference(out, x, w, b, activation)
 
 
+def last_plan_kernel() -> str:
+    """The kernel of the plan ``linear`` built last: which kernel a forced call really ran."""
+    return next(reversed(PLANS.plans.values()))[0].jit.__name__
+
+
+# (leading dims, K, N, activation, bias): M off the 16-row interpreter tile and N off its 32 columns (rows stay
+# 16-byte aligned in fp16, as the TMA store needs), K = 40 and 104 off its 32-wide K step; each activation
+# with and without bias.
+WS_CPU_CASES = [
+    ((7,), 104, 72, "quick_gelu", True),
+    ((1,), 64, 40, "quick_gelu", False),
+    ((2, 25), 72, 104, "gelu_pytorch_tanh", False),
+    ((50,), 40, 72, "gelu_pytorch_tanh", True),
+    ((3, 30), 40, 136, "gelu", True),
+    ((33,), 64, 40, "gelu", False),
+    ((50,), 72, 104, None, True),
+    ((2, 9), 104, 72, None, False),
+]
+
+
+@pytest.mark.parametrize("lead, k, n, activation, bias", WS_CPU_CASES)
+def test_linear_warp_specialized_interpreted(lead, k, n, activation, bias):
+    """The warp-specialised kernel forced, its descriptors built in the kernel (fp16: TMA takes 16-bit operands
+    only); 3 programs walk several tiles each, and the second call launches from the plan."""
+    x, w, b = make_inputs(lead, k, n, torch.float16, bias=bias)
+    for _ in range(2):
+        out = poisoned((*lead, n), torch.float16)
+        linear_triton(x, w, b, activation, out=out, warp_specialize=True)
+        assert_matches_reference(out, x, w, b, activation)
+    assert last_plan_kernel() == "_linear_ws_kernel"
+
+
+def test_linear_warp_specialized_strided_operands():
+    """x and the weight as column slices of wider rows: the kernel's descriptors take their row strides."""
+    generator = torch.Generator(device=DEVICE).manual_seed(7)
+    x = torch.randn(50, 80, generator=generator, device=DEVICE).half()[:, :72]
+    w = (torch.randn(104, 96, generator=generator, device=DEVICE) / 8.5).half()[:, 8:80]
+    out = linear_triton(x, w, None, "quick_gelu", out=poisoned((50, 104), torch.float16), warp_specialize=True)
+    assert last_plan_kernel() == "_linear_ws_kernel"
+    assert_matches_reference(out, x, w, None, "quick_gelu")
+
+
+def test_linear_warp_specialized_says_why_it_cannot_run():
+    x, w, b = make_inputs((7,), 72, 104, torch.float16, bias=True)
+    with pytest.raises(ValueError, match="warp_specialize=True needs 16-bit operands"):
+        linear_triton(x.float(), w.float(), b.float(), "gelu", warp_specialize=True)
+    with pytest.raises(ValueError, match="warp_specialize=True needs 16-bit operands"):
+        linear_triton(x[:, 1:], w[:, 1:], b, "gelu", warp_specialize=True)  # 2 bytes past 16-byte alignment
+    with pytest.raises(ValueError, match="warp_specialize=True needs 16-byte aligned output rows"):
+        linear_triton(x, w[:100], b[:100], "gelu", warp_specialize=True)  # N = 100: 200-byte rows
+    with pytest.raises(ValueError, match="warp_specialize=True runs the persistent TMA kernel"):
+        linear_triton(x, w, b, "gelu", tma=False, warp_specialize=True)
+    with pytest.raises(ValueError, match="warp_specialize=True runs the persistent TMA kernel"):
+        linear_triton(x, w, b, "gelu", persistent=False, warp_specialize=True)
+
+
 def test_linear_persistent_needs_aligned_rows():
     x, w, b = make_inputs((7,), 72, 100, torch.float16, bias=True)
     with pytest.raises(ValueError, match="persistent=True needs the TMA path and 16-byte aligned output rows"):
@@ -308,6 +364,62 @@ def test_linear_gpu_tanh_forms(activation, dtype, tanh, persistent, monkeypatch)
     x, w, b = make_inputs((3000,), 72, 1000, dtype, bias=True, weight_std=8.0, seed=1, device="cuda")
     out = linear_triton(x, w, b, activation, out=poisoned((3000, 1000), dtype, device="cuda"), persistent=persistent)
     assert_matches_reference(out, x, w, b, activation)
+
+
+# (M, K, N, activation, dtype): three L/14-336 samples plus 5 rows, so400m's N = 4304 (not a multiple of 128), its
+# K = 4304 (not a multiple of 64), B/16 at batch 128.
+WS_GPU_CASES = [
+    (577 * 3 + 5, 1024, 4096, "quick_gelu", torch.bfloat16),
+    (577 * 3 + 5, 1024, 4096, None, torch.bfloat16),
+    (577 * 3 + 5, 1024, 4096, "quick_gelu", torch.float16),
+    (5001, 1152, 4304, "gelu_pytorch_tanh", torch.bfloat16),
+    (1000, 4304, 1152, "gelu", torch.bfloat16),
+    (128 * 197, 768, 3072, "quick_gelu", torch.bfloat16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k, n, activation, dtype", WS_GPU_CASES)
+def test_linear_gpu_warp_specialized(m, k, n, activation, dtype):
+    """The warp-specialised kernel forced; the second call runs from the plan, its scratch allocated per launch."""
+    needs_hopper()
+    x, w, b = make_inputs((m,), k, n, dtype, bias=True, device="cuda")
+    for _ in range(2):
+        out = poisoned((m, n), dtype, device="cuda")
+        linear_triton(x, w, b, activation, out=out, warp_specialize=True)
+        assert_matches_reference(out, x, w, b, activation)
+    assert last_plan_kernel() == "_linear_ws_kernel"
+
+
+@pytest.mark.gpu
+def test_linear_gpu_warp_specialized_graph_and_streams():
+    """The per-launch scratch of the device-built descriptors comes from torch's allocator on the launch's stream:
+    right on a side stream and replayed in a CUDA graph, with triton's process-wide allocator left unset."""
+    from triton.runtime import _allocation
+
+    needs_hopper()
+    x, w, b = make_inputs((3, 577), 1024, 4096, torch.bfloat16, bias=True, device="cuda")
+
+    def run() -> torch.Tensor:
+        return linear_triton(x, w, b, "quick_gelu", warp_specialize=True)
+
+    expected = run()  # tunes and compiles before capture
+    plan = next(reversed(PLANS.plans.values()))[0]
+    assert plan.jit.__name__ == "_linear_ws_kernel" and plan.scratch_bytes > 0
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(on_side, expected, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    x.normal_()
+    graph.replay()
+    torch.testing.assert_close(captured, run(), rtol=0, atol=0)
+    assert not torch.equal(captured, expected)
 
 
 @pytest.mark.gpu

@@ -14,15 +14,22 @@ it; :func:`record` reads the compiled kernel and the chosen config off that call
 kernel (the interpreter) the plan launches through the jitted function with the recorded config, so the plan
 logic is the same on the CPU test suite.
 
+Kernels that build TMA descriptors on the device need global scratch memory per program, which triton's launch
+path asks of the allocator set with ``triton.set_allocator`` and fails without. vitriton sets none for the
+process: :func:`scratch_allocator` lends torch's caching allocator for a first launch only where the user has set
+none, and a plan allocates each launch's scratch with torch on the current stream (safe under CUDA graphs and on
+any stream, as any torch temporary is).
+
 Every op's constexpr parameters come last in its kernel's signature, so a launch passes the runtime arguments
 followed by the plan's constexpr values, in declaration order, as triton's launcher expects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +41,11 @@ except ImportError:  # triton before 3.4 keeps launch hooks on CompiledKernel
     _knobs = None
 
 from triton.runtime import driver
+
+try:
+    from triton.runtime import _allocation
+except ImportError:  # a triton without triton.set_allocator
+    _allocation = None
 
 # Plans hold no tensors (a TMA descriptor is kept without its base; see ``_matmul.plan_operand``), only ints,
 # strings and compiled kernels; the cap bounds a process that runs ever new shapes.
@@ -53,7 +65,7 @@ class Plan:
 
     __slots__ = (
         "compiled", "config", "const_args", "const_kwargs", "function", "grid", "jit", "launcher", "options",
-        "stream_of",
+        "scratch_bytes", "stream_of",
     )  # fmt: skip
 
     def __init__(
@@ -83,6 +95,7 @@ class Plan:
         self.compiled = None
         self.function = None
         self.launcher = None
+        self.scratch_bytes = 0
         self.stream_of = None
 
     def attach(self, compiled: Any) -> None:
@@ -93,14 +106,21 @@ class Plan:
         self.compiled = compiled
         self.function = compiled.function
         self.stream_of = driver.active.get_current_stream
-        # triton 3.4-3.6's CudaLauncher wraps its C ``launch`` with per-call scratch allocation; a kernel that
-        # needs no scratch memory can call ``launch`` itself (the same arguments, scratch pointers None).
+        # Global scratch (descriptors built on the device) as triton sizes it: programs x CTAs x bytes a program.
+        metadata = compiled.metadata
+        programs = self.grid[0] * self.grid[1] * self.grid[2]
+        self.scratch_bytes = programs * getattr(metadata, "num_ctas", 1) * getattr(metadata, "global_scratch_size", 0)
+        # triton 3.4-3.6's CudaLauncher wraps its C ``launch`` with per-call scratch allocation through triton's
+        # allocator; calling ``launch`` itself (the same arguments) skips that wrapper, and ``launch`` takes a
+        # torch buffer for the global scratch. triton 3.9's ``launch`` takes another argument list (it has
+        # ``arg_annotations``), so it keeps the wrapper.
         if (
-            getattr(launcher, "global_scratch_size", None) == 0
+            hasattr(launcher, "global_scratch_size")
             and getattr(launcher, "profile_scratch_size", 0) == 0
             and hasattr(launcher, "launch")
             and hasattr(launcher, "launch_cooperative_grid")
             and hasattr(launcher, "launch_pdl")
+            and not hasattr(launcher, "arg_annotations")
         ):
             self.launcher = launcher
 
@@ -114,25 +134,43 @@ class Plan:
         full = (*args, *self.const_args)
         grid = self.grid
         launcher = self.launcher
-        if launcher is not None and enter is None:
+        metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
+        if launcher is not None:
+            # From torch's caching allocator on the current stream (the launch's): reused only in stream order,
+            # and drawn from the graph's private pool while a CUDA graph captures.
+            scratch = None
+            if self.scratch_bytes:
+                scratch = torch.empty(self.scratch_bytes, dtype=torch.int8, device=device_index)
             launcher.launch(
                 grid[0], grid[1], grid[2], stream, self.function, launcher.launch_cooperative_grid,
-                launcher.launch_pdl, None, None, compiled.packed_metadata, None, None, exit_hook, *full,
+                launcher.launch_pdl, scratch, None, compiled.packed_metadata, metadata, enter, exit_hook, *full,
             )  # fmt: skip
             return
-        metadata = compiled.launch_metadata(self.grid, stream, *full) if enter is not None else None
-        compiled.run(
-            self.grid[0],
-            self.grid[1],
-            self.grid[2],
-            stream,
-            self.function,
-            compiled.packed_metadata,
-            metadata,
-            enter,
-            exit_hook,
-            *full,
-        )
+        with scratch_allocator() if self.scratch_bytes else contextlib.nullcontext():
+            compiled.run(
+                grid[0], grid[1], grid[2], stream, self.function, compiled.packed_metadata, metadata, enter, exit_hook,
+                *full,
+            )  # fmt: skip
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """A triton allocator: ``size`` bytes from torch's caching allocator on the current device and stream (its
+    blocks are 512-byte aligned, past any alignment triton asks)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def scratch_allocator() -> Iterator[None]:
+    """Lends triton's launch path torch's allocator for global scratch while the block runs, where the user has
+    set no allocator of their own (``triton.set_allocator``); the ContextVar is reset afterwards."""
+    if _allocation is None or not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _active(hook: Any) -> Any:
@@ -212,7 +250,8 @@ def first_launch(
         kwargs = {**kwargs, **config.all_kwargs()}
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(names, args, strict=True)), **kwargs})
-    compiled = layers[0][grid](*args, **kwargs)
+    with scratch_allocator():
+        compiled = layers[0][grid](*args, **kwargs)
     tuner = next((layer for layer in layers if type(layer).__name__ == "Autotuner"), None)
     chosen = config if config is not None else (tuner.best_config if tuner is not None else None)
     values = {**dict(zip(names, args, strict=True)), **kwargs}

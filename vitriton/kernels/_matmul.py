@@ -11,8 +11,9 @@ Two main loops, chosen per call by the constexpr ``USE_TMA`` (see :func:`matmul_
   arrive as host-built ``TensorDescriptor``s; each tile is one bulk copy that the hardware zero-fills past M,
   N and K, so there is no index arithmetic, no mask and no K-tail special case. The descriptors' block shapes
   depend on the config, so every config's ``pre_hook`` (:func:`set_descriptor_blocks`) sets them before the
-  launch. Host-built descriptors need no global scratch allocator (``triton.set_allocator``), which device-built
-  ones would require in every thread that launches.
+  launch. Host-built descriptors need no global scratch memory, which device-built ones take per program (only
+  ``linear``'s warp-specialised kernel builds its own, as triton 3.6 specialises no other; ``_launch.Plan``
+  allocates the scratch).
 - plain ``tl.load`` everywhere else (pre-Hopper GPUs, fp32, misaligned or strided operands): Triton pipelines
   the loads over ``num_stages`` buffers (cp.async feeding the tensor cores). Load indices wrap modulo M and N,
   so the edge tiles read valid (repeated) rows instead of paying a mask on every load; only a K tail that is
@@ -65,11 +66,15 @@ def _config(
     num_stages: int,
     group_m: int = 8,
     epilogue_split: int | None = None,
+    host_descriptors: bool = True,
 ) -> triton.Config:
+    """A tile config; ``host_descriptors`` False for a kernel that builds its TMA descriptors itself (their block
+    shapes are its constexprs), which then needs no pre-hook."""
     sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
     if epilogue_split is not None:
         sizes["EPILOGUE_SPLIT"] = epilogue_split
-    return triton.Config(sizes, num_warps=num_warps, num_stages=num_stages, pre_hook=set_descriptor_blocks)
+    pre_hook = set_descriptor_blocks if host_descriptors else None
+    return triton.Config(sizes, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
 
 # Shared memory per config is num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * itemsize; all fit the H100's 227 KiB.
@@ -115,6 +120,16 @@ _PERSISTENT = [
     _config(128, 128, 64, num_warps=4, num_stages=4, epilogue_split=1),
 ]
 _PERSISTENT_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, epilogue_split=2)]
+# The warp-specialised persistent kernel (``linear``'s ``_linear_ws_kernel``): triton 3.6 specialises only at
+# num_warps=4, into a producer warp and two consumer warpgroups of BLOCK_M x BLOCK_N tiles, with the whole tile
+# as the TMA store's staging buffer. Shared memory as compiled for sm90: 128x128 128 and 160 KiB at 3 and 4
+# stages, 128x256 208 KiB at 3; 128x256 at 4 stages (256 KiB) is past the H100's 227 KiB and left out.
+_WARP_SPECIALIZED = [
+    _config(128, 128, 64, num_warps=4, num_stages=3, host_descriptors=False),
+    _config(128, 128, 64, num_warps=4, num_stages=4, host_descriptors=False),
+    _config(128, 256, 64, num_warps=4, num_stages=3, host_descriptors=False),
+]
+_WARP_SPECIALIZED_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, host_descriptors=False)]
 
 # fp32 operands take exact (ieee) dots on the FMA units; this path exists for parity, not speed, so one config
 # each (96 and 48 KiB) and no tuning.
@@ -137,6 +152,11 @@ def matmul_configs() -> list[triton.Config]:
 def persistent_configs() -> list[triton.Config]:
     """The persistent TMA kernel's candidates (all of them tuned per shape: it runs at large M only)."""
     return list(_PERSISTENT_INTERPRETER if interpreting() else _PERSISTENT)
+
+
+def warp_specialized_configs() -> list[triton.Config]:
+    """The warp-specialised persistent kernel's candidates, all tuned per shape as the persistent kernel's are."""
+    return list(_WARP_SPECIALIZED_INTERPRETER if interpreting() else _WARP_SPECIALIZED)
 
 
 def matmul_config_pool(m: int, element_size: int, use_tma: bool) -> list[triton.Config]:
@@ -182,6 +202,18 @@ def tma_device(device: torch.device) -> bool:
     return interpreting()
 
 
+def require_tma(x: torch.Tensor, weight: torch.Tensor, asked: str) -> None:
+    """Raises, naming ``asked`` (the argument that forced a TMA kernel), where the operands or the device rule
+    TMA out (:func:`tma_supported`, :func:`tma_device`)."""
+    if not tma_supported(x, weight):
+        raise ValueError(
+            f"{asked} needs 16-bit operands with unit column strides and distinct, 16-byte aligned rows; got x "
+            f"{x.dtype} strides {x.stride()}, weight strides {weight.stride()}"
+        )
+    if not tma_device(x.device):
+        raise ValueError(f"{asked} needs a GPU of compute capability 9.0 or more (or the interpreter); got {x.device}")
+
+
 def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> tuple[Any, Any, bool]:
     """(x, w, USE_TMA) as the kernels take them: TMA descriptors where :func:`tma_supported` holds on a CUDA
     device of compute capability 9 or more and x has at least ``TMA_MIN_ROWS`` rows, else the tensors
@@ -195,15 +227,7 @@ def matmul_operands(x: torch.Tensor, weight: torch.Tensor, tma: bool | None) -> 
             x.shape[0] >= TMA_MIN_ROWS and x.device.type == "cuda" and tma_device(x.device) and tma_supported(x, weight)
         )
     elif tma:
-        if not tma_supported(x, weight):
-            raise ValueError(
-                f"tma=True needs 16-bit operands with unit column strides and distinct, 16-byte aligned rows; got x "
-                f"{x.dtype} strides {x.stride()}, weight strides {weight.stride()}"
-            )
-        if not tma_device(x.device):
-            raise ValueError(
-                f"tma=True needs a GPU of compute capability 9.0 or more (or the interpreter); got {x.device}"
-            )
+        require_tma(x, weight, "tma=True")
         use_tma = True
     else:
         use_tma = False

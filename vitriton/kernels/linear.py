@@ -8,6 +8,11 @@ The activations are transformers' (ACT2FN): quick_gelu ``x * sigmoid(1.702 x)``;
 gelu_pytorch_tanh the tanh approximation ``0.5 x (1 + tanh(u))``. Both are ``x (1 + tanh(.)) / 2``, which for
 16-bit outputs on CUDA takes the GPU's tanh instruction (``FAST_TANH``) and otherwise the sigmoid form.
 
+Three kernels: one program per tile (``_linear_kernel``, plain or TMA loads); above ``SMALL_M`` rows on Hopper a
+persistent TMA kernel (``_linear_persistent_kernel``) whose epilogue runs in series with its main loop; and its
+warp-specialised variant (``_linear_ws_kernel``, ``warp_specialize=True``), where a producer warp feeds two
+consumer warpgroups so one tile's epilogue overlaps the next tile's main loop. The last is not yet a default.
+
 Launch cost: the first call of a signature (shapes, strides, dtypes, alignment, weight, activation) validates
 the operands, autotunes and records a launch plan (``_launch.py``) holding the config, the grid, the compiled
 kernel and the weight's TMA descriptor; later calls look the plan up and launch.
@@ -38,8 +43,10 @@ from vitriton.kernels._matmul import (
     persistent_configs,
     plan_operand,
     prune_matmul_configs,
+    require_tma,
     tile_coordinates,
     tma_device,
+    warp_specialized_configs,
 )
 
 ACTIVATIONS = (None, "quick_gelu", "gelu", "gelu_pytorch_tanh")
@@ -177,6 +184,38 @@ def _store_slice(
     out.store([offset_m, offset_n], activate(acc, ACTIVATION, TANH).to(out.dtype))
 
 
+@triton.jit
+def _persistent_tile(
+    x,  # (M, K) TMA descriptor, blocks (BLOCK_M, BLOCK_K)
+    w,  # (N, K) TMA descriptor, blocks (BLOCK_N, BLOCK_K)
+    bias_ptr,
+    out,  # (M, N) TMA descriptor, blocks (BLOCK_M, BLOCK_N // EPILOGUE_SPLIT)
+    tile,
+    M,
+    N,
+    K,
+    ACTIVATION: tl.constexpr,
+    TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
+):
+    """One output tile of a persistent kernel: its main loop, then its epilogue stored whole or in two halves."""
+    pid_m, pid_n = tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    offset_m = pid_m * BLOCK_M
+    offset_n = pid_n * BLOCK_N
+    if EPILOGUE_SPLIT == 2:
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _store_slice(left, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, TANH, HAS_BIAS)
+        _store_slice(right, bias_ptr, out, offset_m, offset_n + BLOCK_N // 2, N, ACTIVATION, TANH, HAS_BIAS)
+    else:
+        _store_slice(acc, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, TANH, HAS_BIAS)
+
+
 @triton.autotune(
     configs=persistent_configs(),
     key=["M_BUCKET", "N", "K", "ACTIVATION", "TANH"],
@@ -207,19 +246,55 @@ def _linear_persistent_kernel(
     while this tile's bias, activation and TMA stores run."""
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
-        pid_m, pid_n = tile_coordinates(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = accumulate_tile_tma(x, w, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K)
-        offset_m = pid_m * BLOCK_M
-        offset_n = pid_n * BLOCK_N
-        if EPILOGUE_SPLIT == 2:
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            _store_slice(left, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, TANH, HAS_BIAS)
-            _store_slice(right, bias_ptr, out, offset_m, offset_n + BLOCK_N // 2, N, ACTIVATION, TANH, HAS_BIAS)
-        else:
-            _store_slice(acc, bias_ptr, out, offset_m, offset_n, N, ACTIVATION, TANH, HAS_BIAS)
+        _persistent_tile(
+            x, w, bias_ptr, out, tile, M, N, K, ACTIVATION, TANH, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+            EPILOGUE_SPLIT,
+        )  # fmt: skip
+
+
+@triton.autotune(
+    configs=warp_specialized_configs(),
+    key=["M_BUCKET", "N", "K", "ACTIVATION", "TANH"],
+)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_ws_kernel(
+    x_ptr,  # (M, K), rows stride_xm apart, unit column stride, 16-byte aligned
+    w_ptr,  # (N, K), rows stride_wn apart, nn.Linear layout; as x
+    bias_ptr,  # (N,) contiguous; None without bias
+    out_ptr,  # (M, N) contiguous
+    M,
+    N,
+    K,
+    M_BUCKET,  # autotune key only
+    stride_xm,
+    stride_wn,
+    ACTIVATION: tl.constexpr,
+    TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PROGRAMS: tl.constexpr,  # the grid: one program per SM
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The persistent kernel's schedule, warp-specialised (triton 3.6 on Hopper): at num_warps=4 the compiler
+    splits the tile loop into a producer warp issuing the TMA loads and two consumer warpgroups taking turns
+    at the wgmma and the epilogue, so one tile's bias, activation and store overlap the next tile's main loop
+    instead of running in series with it. The compiler only does this with descriptors built in the kernel
+    (global scratch memory per program, which ``_launch.Plan`` allocates per launch), an unflattened tile
+    loop and an epilogue stored whole (no column split)."""
+    x = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+    w = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+    out = tl.make_tensor_descriptor(out_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=False, warp_specialize=True):
+        _persistent_tile(
+            x, w, bias_ptr, out, tile, M, N, K, ACTIVATION, TANH, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1
+        )
 
 
 _PERSISTENT_ARGS = ("x", "w", "bias_ptr", "out", "M", "N", "K", "M_BUCKET")
+_WS_ARGS = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn")
 _RUNTIME_ARGS = (
     "x", "w", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
     "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on",
@@ -236,28 +311,31 @@ def linear_triton(
     out: torch.Tensor | None = None,
     tma: bool | None = None,
     persistent: bool | None = None,
+    warp_specialize: bool | None = None,
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Launches the fused kernel; ``out``, when given, is a (..., N) buffer the result is written into.
 
     ``tma`` picks the main loop: None decides per signature, True and False force it (see ``matmul_operands``).
     ``persistent`` picks the persistent TMA kernel: None takes it on the TMA path above ``SMALL_M`` rows, True
-    wherever the TMA path runs, False never. ``config`` pins a tile config instead of autotuning (benchmark
-    sweeps).
+    wherever the TMA path runs, False never. ``warp_specialize`` picks its warp-specialised variant
+    (``_linear_ws_kernel``): True wherever TMA can run (any M; it builds no host descriptor), None and False
+    never, until it is measured against the persistent kernel on the GPU. ``config`` pins a tile config
+    instead of autotuning (benchmark sweeps).
     """
     key = (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
         weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
         None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
-        activation, tma, persistent, config, FAST_TANH.get(x.dtype),
+        activation, tma, persistent, warp_specialize, config, FAST_TANH.get(x.dtype),
     )  # fmt: skip
     entry = PLANS.get(key)
     if entry is None:
-        return _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config)
+        return _plan_linear(key, x, weight, bias, activation, out, tma, persistent, warp_specialize, config)
     return launch_gemm_plan(entry, x, weight, bias, out)
 
 
-def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config) -> torch.Tensor:
+def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, warp_specialize, config) -> torch.Tensor:
     check_activation(activation)
     check_operands(x, weight)
     n, k = weight.shape
@@ -275,16 +353,27 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config)
     if x2d is None:
         # Leading dims that do not flatten to one row stride: copy once, and plan the copy's layout.
         linear_triton(
-            x.reshape(m, k), weight, bias, activation, out=out.view(m, n), tma=tma, persistent=persistent, config=config
+            x.reshape(m, k), weight, bias, activation, out=out.view(m, n), tma=tma, persistent=persistent,
+            warp_specialize=warp_specialize, config=config,
+        )  # fmt: skip
+        return out
+    flags = dict(ACTIVATION=activation or "none", TANH=tanh_mode(x), HAS_BIAS=bias is not None)
+    # The TMA store needs 16-byte aligned output rows as well as TMA operands.
+    aligned_rows = (n * x.element_size()) % 16 == 0
+    programs = min(sm_count(x.device) if x.is_cuda else 3, triton.cdiv(m, 16) * triton.cdiv(n, 32))
+    if warp_specialize:
+        check_warp_specialize(x2d, weight, tma, persistent, aligned_rows)
+        static = (m, n, k, m_bucket(m), x2d.stride(0), weight.stride(0))
+        operands = (x2d, weight, bias, out, *static)
+        plan = first_launch(
+            _linear_ws_kernel, (programs,), _WS_ARGS, operands, dict(**flags, PROGRAMS=programs), config
         )
+        PLANS.add(key, (plan, None, None, None, shape, static))
         return out
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    flags = dict(ACTIVATION=activation or "none", TANH=tanh_mode(x), HAS_BIAS=bias is not None)
-    if use_tma and (persistent or (persistent is None and m > SMALL_M)) and (n * x.element_size()) % 16 == 0:
-        # The TMA store needs 16-byte aligned output rows as well.
+    if use_tma and (persistent or (persistent is None and m > SMALL_M)) and aligned_rows:
         out_operand = output_descriptor(out, m, n)
         static = (m, n, k, m_bucket(m))
-        programs = min(sm_count(x.device) if x.is_cuda else 3, triton.cdiv(m, 16) * triton.cdiv(n, 32))
         plan = first_launch(
             _linear_persistent_kernel,
             (programs,),
@@ -312,6 +401,20 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, config)
     entry = (plan, plan_operand(x_operand), plan_operand(w_operand), plan_operand(out_operand), shape, static)
     PLANS.add(key, entry)
     return out
+
+
+def check_warp_specialize(
+    x: torch.Tensor, weight: torch.Tensor, tma: bool | None, persistent: bool | None, aligned_rows: bool
+) -> None:
+    """Raises where ``warp_specialize=True`` cannot run: the kernel is persistent and loads and stores through
+    TMA, so it needs TMA operands on a TMA device and 16-byte aligned output rows."""
+    if tma is False or persistent is False:
+        raise ValueError(f"warp_specialize=True runs the persistent TMA kernel; got tma={tma}, persistent={persistent}")
+    require_tma(x, weight, "warp_specialize=True")
+    if not aligned_rows:
+        raise ValueError(
+            f"warp_specialize=True needs 16-byte aligned output rows; got N = {weight.shape[0]} in {x.dtype}"
+        )
 
 
 @torch.library.custom_op("vitriton::linear", mutates_args=())
