@@ -6,11 +6,12 @@
 # auto: the CUDA-graph and tower GPU tests, then batch 1 as loaded (automatic graphs) against explicit graphs, no
 # graphs, transformers sdpa and torch.compile on the four reference models;
 # suite: every single-GPU test, its test ids dealt round-robin over the visible GPUs, one pytest per GPU;
-# followup: the attention sweep with padded head dims (pad_head) at batch 128, and batch 1 of the compiled model
-# as a user compiles it (default and reduce-overhead modes) against automatic and explicit graphs, and the host
-# profile of the text tower's automatic graphs (what their batch-1 replays cost over explicit graphs).
+# gemm_ws: the linear kernels' GPU tests, every encoder GEMM at batch 128 against cuBLAS (the warp-specialised
+# kernel among the candidates), and attention against cuDNN;
+# compile: the compiled models' GPU tests, and batch 1 of the model compiled as loaded (default and
+# reduce-overhead modes) against the plain call, explicit graphs and transformers compiled.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite or followup}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws or compile}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -60,15 +61,23 @@ auto)
     tail -3 "$out/towers_gpu.log"
     grep " b1 " "$out/b1.log"
     ;;
-followup)
-    run attention_sweep 300 python3 benchmarks/bench_attention.py --sweep --cases b128 --json "$out/attention_sweep.json"
-    run b1_compile 280 python3 -m benchmarks.report --models clip-vit-l14-336 clip-text-l14 --batch-sizes 1 \
-        --providers vitriton vitriton-graphs vitriton-compile vitriton-compile-ro hf-compile-ro --seconds 0.2 \
-        --out "$out/b1_compile"
-    run profile_host_auto 200 python3 benchmarks/profile_host.py --models clip-text-l14 --profile vitriton --top 25
-    grep -A 12 "fastest configuration" "$out/attention_sweep.log"
-    tail -8 "$out/profile_host_auto.log"
-    grep " b1 " "$out/b1_compile.log"
+gemm_ws)
+    run gpu_tests_linear 300 python3 -m pytest tests/kernels/test_linear.py tests/kernels/test_launch.py -m gpu -q \
+        -p no:cacheprovider
+    run gemm_b128 240 python3 -m benchmarks.bench_gemm --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
+        --batch-sizes 128 --layers fc1 fc2 out_proj --out "$out"
+    run attention 60 python3 benchmarks/bench_attention.py --json "$out/attention.json"
+    tail -3 "$out/gpu_tests_linear.log"
+    grep -E "fc1|fc2|out_proj" "$out/gemm_b128.log" | head -60
+    grep -A 12 "^case" "$out/attention.log"
+    ;;
+compile)
+    run gpu_tests_compile 200 python3 -m pytest tests/encoders/test_compile.py -m gpu -q -p no:cacheprovider
+    run compile_b1 330 python3 -m benchmarks.report --models clip-vit-l14-336 clip-text-l14 --batch-sizes 1 \
+        --providers vitriton vitriton-graphs vitriton-compile vitriton-compile-ro hf-compile hf-compile-ro \
+        --seconds 0.2 --out "$out/compile_b1"
+    tail -3 "$out/gpu_tests_compile.log"
+    grep " b1 " "$out/compile_b1.log"
     ;;
 suite)
     gpus=$(nvidia-smi -L | grep -c '^GPU')
