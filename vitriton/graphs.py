@@ -807,15 +807,19 @@ _CONSTANTS = (bool, int, float, str, type(None))
 
 def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
     """A tower's output from the opaque op, traced by dynamo; None where the call must be traced through instead:
-    while exporting (the op names a tower of this process), with grad on (the op has no backward), under
+    outside dynamo (torch.export's default, non-strict tracing), with grad on (the op has no backward), under
     autocast, under tensor parallelism, with the automatic graphs off, on another device than theirs, with
-    ``output_attentions``, or with arguments other than tensors and constants."""
+    ``output_attentions``, or with arguments other than tensors and constants. (Strict torch.export, which runs
+    dynamo, is refused by the op's fake implementation: dynamo in torch 2.11 folds ``is_exporting()`` to True
+    while it compiles, so traced code cannot tell the two apart.)"""
+    if not torch.compiler.is_dynamo_compiling():
+        return None
     graphs = getattr(tower, "auto_graphs", None)
     if not isinstance(graphs, AutoGraphs) or not graphs.enabled or graphs.handle is None:
         return None
-    if torch.compiler.is_exporting() or torch.is_grad_enabled() or torch.is_autocast_enabled(graphs.device_type):
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(graphs.device_type):
         return None
-    if len(args) > len(positional) or tower.tensor_parallel:
+    if len(args) > len(positional) or _sharded(tower):
         return None
     named = dict(zip(positional[: len(args)], args, strict=True))
     named.update(kwargs)
@@ -845,6 +849,14 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
     pooled = flat[1] if len(flat) == states + 2 else None
     hidden_states = None if record is None else tuple(flat[len(flat) - states :])
     return tower.assemble(flat[0], pooled, hidden_states, return_dict)
+
+
+@torch._dynamo.assume_constant_result
+def _sharded(tower: nn.Module) -> bool:
+    """``tower.tensor_parallel``, run once as dynamo traces and kept as a constant (a tower's process groups are
+    fixed when it is loaded): traced, its walk over the modules would guard each of them on every compiled call
+    (about 35 us a call on a 2-layer tower on this project's CPU)."""
+    return tower.tensor_parallel
 
 
 @functools.lru_cache(maxsize=256)
@@ -900,6 +912,12 @@ def tower_op(handle: int, forward_id: int, tensors: list[torch.Tensor], argument
 def _tower_fake(handle, forward_id, tensors, arguments):
     """The outputs' shapes and dtypes: the forward run on the fake inputs with the reference ops, the tower's real
     parameters taken into the fake mode as they are read."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(
+            "torch.export(strict=True) of a vitriton tower with automatic CUDA graphs: the exported program would "
+            "call this process's tower; export with strict=False, or call vitriton.enable_cuda_graphs(model, False) "
+            "first"
+        )
     tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, arguments)
     mode = torch._guards.detect_fake_mode(tensors)
     allowed = mode.allow_non_fake_inputs
