@@ -394,10 +394,20 @@ def test_linear_gpu_warp_specialized(m, k, n, activation, dtype):
 @pytest.mark.gpu
 def test_linear_gpu_warp_specialized_graph_and_streams():
     """The per-launch scratch of the device-built descriptors comes from torch's allocator on the launch's stream:
-    right on a side stream and replayed in a CUDA graph, with triton's process-wide allocator left unset."""
+    right on a side stream and replayed in a CUDA graph, with triton's allocator unset (torch.compile sets one in
+    the threads it ran in, so the test unsets it)."""
     from triton.runtime import _allocation
 
     needs_hopper()
+    token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        _check_warp_specialized_streams_and_graph()
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    finally:
+        _allocation._allocator.reset(token)
+
+
+def _check_warp_specialized_streams_and_graph() -> None:
     x, w, b = make_inputs((3, 577), 1024, 4096, torch.bfloat16, bias=True, device="cuda")
 
     def run() -> torch.Tensor:
@@ -406,7 +416,6 @@ def test_linear_gpu_warp_specialized_graph_and_streams():
     expected = run()  # tunes and compiles before capture
     plan = next(reversed(PLANS.plans.values()))[0]
     assert plan.jit.__name__ == "_linear_ws_kernel" and plan.scratch_bytes > 0
-    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
