@@ -819,7 +819,7 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
         return None
     if torch.is_grad_enabled() or torch.is_autocast_enabled(graphs.device_type):
         return None
-    if len(args) > len(positional) or _sharded(tower):
+    if len(args) > len(positional) or tower.tensor_parallel:
         return None
     named = dict(zip(positional[: len(args)], args, strict=True))
     named.update(kwargs)
@@ -849,14 +849,6 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
     pooled = flat[1] if len(flat) == states + 2 else None
     hidden_states = None if record is None else tuple(flat[len(flat) - states :])
     return tower.assemble(flat[0], pooled, hidden_states, return_dict)
-
-
-@torch._dynamo.assume_constant_result
-def _sharded(tower: nn.Module) -> bool:
-    """``tower.tensor_parallel``, run once as dynamo traces and kept as a constant (a tower's process groups are
-    fixed when it is loaded): traced, its walk over the modules would guard each of them on every compiled call
-    (about 35 us a call on a 2-layer tower on this project's CPU)."""
-    return tower.tensor_parallel
 
 
 @functools.lru_cache(maxsize=256)
