@@ -777,7 +777,8 @@ class AutoGraphs:
 def replayable(forward: Callable[..., Any]) -> Callable[..., Any]:
     """Decorates a tower's ``forward`` so that calls go through the tower's :class:`AutoGraphs`, also from a
     compiled graph (:func:`compiled_call`)."""
-    positional = tuple(inspect.signature(forward).parameters)[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = tuple(name for name, p in inspect.signature(forward).parameters.items() if p.kind in kinds)[1:]
     forward_id = len(_FORWARDS)
     _FORWARDS.append(forward)
 
@@ -809,9 +810,12 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
     """A tower's output from the opaque op, traced by dynamo; None where the call must be traced through instead:
     outside dynamo (torch.export's default, non-strict tracing), with grad on (the op has no backward), under
     autocast, under tensor parallelism, with the automatic graphs off, on another device than theirs, with
-    ``output_attentions``, or with arguments other than tensors and constants. (Strict torch.export, which runs
-    dynamo, is refused by the op's fake implementation: dynamo in torch 2.11 folds ``is_exporting()`` to True
-    while it compiles, so traced code cannot tell the two apart.)"""
+    ``output_attentions``, with arguments other than tensors and constants, or while a submodule or the process
+    has module hooks (the op's fake implementation runs the forward, which would hand them fake tensors; hooks
+    added after compiling run in the op's plain call). Int arguments (``feature_layers``) go to the op as ints,
+    which dynamo may make symbolic once they vary. (Strict torch.export, which runs dynamo, is refused by the
+    op's fake implementation: dynamo in torch 2.11 folds ``is_exporting()`` to True while it compiles, so traced
+    code cannot tell the two apart.)"""
     if not torch.compiler.is_dynamo_compiling():
         return None
     graphs = getattr(tower, "auto_graphs", None)
@@ -819,17 +823,23 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
         return None
     if torch.is_grad_enabled() or torch.is_autocast_enabled(graphs.device_type):
         return None
-    if len(args) > len(positional) or tower.tensor_parallel:
+    if len(args) > len(positional) or tower.tensor_parallel or _hooked(tower):
         return None
     named = dict(zip(positional[: len(args)], args, strict=True))
     named.update(kwargs)
-    names, tensors, options = [], [], []
+    names, tensors, options, int_options, ints = [], [], [], [], []
     for name, value in named.items():
         if isinstance(value, torch.Tensor):
             if value.device.type != graphs.device_type:
                 return None
             names.append(name)
             tensors.append(value)
+        elif _is_int(value):
+            int_options.append((name, None))
+            ints.append(value)
+        elif isinstance(value, (list, tuple)) and value and all(map(_is_int, value)):
+            int_options.append((name, (type(value) is tuple, len(value))))
+            ints.extend(value)
         elif isinstance(value, _CONSTANTS) or (
             isinstance(value, (list, tuple)) and all(isinstance(v, _CONSTANTS) for v in value)
         ):
@@ -844,11 +854,27 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
     )  # fmt: skip
     if attentions:
         return None
-    flat = tower_op(graphs.handle, forward_id, tensors, repr((tuple(names), tuple(options))))
+    flat = tower_op(graphs.handle, forward_id, tensors, ints, repr((tuple(names), tuple(options), tuple(int_options))))
     states = 0 if record is None else len(record)
     pooled = flat[1] if len(flat) == states + 2 else None
     hidden_states = None if record is None else tuple(flat[len(flat) - states :])
     return tower.assemble(flat[0], pooled, hidden_states, return_dict)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hooked(tower: nn.Module) -> bool:
+    """Whether a submodule of ``tower``, or the process, has module hooks (traced by dynamo, which guards them)."""
+    if _global_hooks():
+        return True
+    for module in tower.modules():
+        if module is not tower and (
+            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        ):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=256)
@@ -856,18 +882,27 @@ def _arguments(text: str) -> tuple:
     return ast.literal_eval(text)
 
 
-def _opaque_call(handle: int, forward_id: int, tensors: list[torch.Tensor], arguments: str) -> tuple:
+def _opaque_call(handle: int, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str) -> tuple:
     """(tower, forward, keyword arguments) of a call ``vitriton::tower`` makes: ``arguments`` is the repr of
-    (the tensors' names, (name, value) of the other arguments); ``return_dict`` on, since the op returns the
-    output's tensors and the traced caller puts them together as the caller asked."""
+    (the tensors' names, (name, value) of the other constant arguments, (name, layout) of the int arguments,
+    whose values are ``ints``: None for an int, (is a tuple, length) for a list or tuple of them). ``return_dict``
+    is on, since the op returns the output's tensors and the traced caller puts them together as asked."""
     tower = _ATTACHED.get(handle)
     if tower is None:
         raise RuntimeError(
             "vitriton::tower: the tower this compiled graph was traced with no longer exists; compile the model again"
         )
-    names, options = _arguments(arguments)
+    names, options, int_options = _arguments(arguments)
     kwargs = dict(options)
     kwargs.update(zip(names, tensors, strict=True))
+    values = iter(map(int, ints))  # int() specialises a symbolic int in the fake implementation
+    for name, layout in int_options:
+        if layout is None:
+            kwargs[name] = next(values)
+        else:
+            is_tuple, length = layout
+            items = [next(values) for _ in range(length)]
+            kwargs[name] = tuple(items) if is_tuple else items
     kwargs["return_dict"] = True
     return tower, _FORWARDS[forward_id], kwargs
 
@@ -894,14 +929,16 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.library.custom_op("vitriton::tower", mutates_args=())
-def tower_op(handle: int, forward_id: int, tensors: list[torch.Tensor], arguments: str) -> list[torch.Tensor]:
+def tower_op(
+    handle: int, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str
+) -> list[torch.Tensor]:
     """A tower's plain call (its automatic graph where one serves it) from a compiled graph: :func:`compiled_call`."""
-    tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, arguments)
+    tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, ints, arguments)
     return _unaliased(_output_tensors(tower.auto_graphs(tower, forward, (), kwargs)))
 
 
 @tower_op.register_fake
-def _tower_fake(handle, forward_id, tensors, arguments):
+def _tower_fake(handle, forward_id, tensors, ints, arguments):
     """The outputs' shapes and dtypes: the forward run on the fake inputs with the reference ops, the tower's real
     parameters taken into the fake mode as they are read."""
     if torch.compiler.is_exporting():
@@ -910,7 +947,7 @@ def _tower_fake(handle, forward_id, tensors, arguments):
             "call this process's tower; export with strict=False, or call vitriton.enable_cuda_graphs(model, False) "
             "first"
         )
-    tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, arguments)
+    tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, ints, arguments)
     mode = torch._guards.detect_fake_mode(tensors)
     allowed = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True

@@ -103,6 +103,7 @@ def test_compiled_tower_options_and_batch_sizes(fake_graphs):
     tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
     compiled = torch.compile(tower, fullgraph=True, backend="aot_eager")
     size = models.CLIP_VISION["image_size"]
+    assert "vitriton.tower.default" in graph_ops(tower, models.pixels(1, size), output_hidden_states=True)
     for batch, kwargs in (
         (1, dict(output_hidden_states=True)),
         (2, dict(output_hidden_states=True, return_dict=False)),
@@ -118,16 +119,50 @@ def test_compiled_tower_options_and_batch_sizes(fake_graphs):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("case", ["grad", "graphs off", "attentions"])
+@torch.no_grad()
+def test_compiled_tower_with_varying_feature_layers_and_copies(fake_graphs):
+    """An int option that changes between calls (dynamo then makes it symbolic) still compiles whole; a shallow
+    copy of a tower gets graphs of its own, so the original's compiled calls keep running the original."""
+    import copy
+    import gc
+
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    compiled = torch.compile(lambda x, layer: tower(x, feature_layers=layer), fullgraph=True, backend="aot_eager")
+    for layer in (1, 2, 0, -1):
+        got, want = compiled(px, layer).hidden_states, tower(px, feature_layers=layer).hidden_states
+        torch.testing.assert_close(got, want)
+    shallow = copy.copy(tower)
+    assert shallow.auto_graphs is not tower.auto_graphs and shallow.auto_graphs.handle != tower.auto_graphs.handle
+    del shallow
+    gc.collect()
+    torch.testing.assert_close(compiled(px, 1).hidden_states, tower(px, feature_layers=1).hidden_states)
+
+
+@pytest.mark.parametrize("case", ["grad", "graphs off", "attentions", "hooks"])
 def test_compiled_towers_traced_through_where_graphs_do_not_serve(case, fake_graphs):
+    """Where the plain call could not replay, or a hook would see the fake run's tensors, compile traces the
+    kernels as before."""
     model = vitriton.from_transformers(models.clip_model(), device="cpu")
     px = models.pixels(1, models.CLIP_VISION["image_size"])
     kwargs = dict(output_attentions=True) if case == "attentions" else {}
     if case == "graphs off":
         vitriton.enable_cuda_graphs(model, False)
+    if case == "hooks":
+        model.vision_model.encoder.layers[0].register_forward_hook(lambda module, args, out: None)
     with torch.set_grad_enabled(case == "grad"):
         ops = graph_ops(model.vision_model, px, **kwargs)
     assert "vitriton.tower.default" not in ops and "vitriton.linear.default" in ops, ops
+
+
+@torch.no_grad()
+def test_compiled_tower_rejects_extra_positional_arguments_as_eager_does(fake_graphs):
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    with pytest.raises(TypeError):
+        tower(px, False, True)
+    with pytest.raises(Exception, match="failed to bind arguments"):
+        torch.compile(tower, fullgraph=True, backend="eager")(px, False, True)
 
 
 @pytest.mark.gpu
@@ -143,6 +178,8 @@ def test_compiled_models_on_the_gpu_replay_their_towers(family, mode):
     model = vitriton.from_transformers(source, device="cuda", dtype=torch.bfloat16)
     size = models.CLIP_VISION["image_size"] if family == "clip" else models.SIGLIP_VISION["image_size"]
     px, (ids, mask) = models.pixels(2, size).cuda().bfloat16(), [t.cuda() for t in models.text(2, 6)]
+    assert graph_ops(model, ids, px, mask).count("vitriton.tower.default") == 2  # the op, not the kernels
+    torch._dynamo.reset()
     plain = [model(ids, px, mask) for _ in range(3)][-1]
     compiled = torch.compile(model, fullgraph=True, mode=mode)
     for _ in range(3):

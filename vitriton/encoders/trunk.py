@@ -439,8 +439,12 @@ class Tower(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if isinstance(self.__dict__.get("auto_graphs"), AutoGraphs):
-            self.auto_graphs.attach(self)  # a copy or an unpickled tower: its own handle
+        graphs = self.__dict__.get("auto_graphs")
+        if isinstance(graphs, AutoGraphs):
+            # A copy or an unpickled tower: graphs and a handle of its own (a shallow copy shares the state dict,
+            # and re-attaching the original's graphs would point its compiled calls at the copy).
+            self.auto_graphs = AutoGraphs(graphs.enabled)
+            self.auto_graphs.attach(self)
 
     @property
     def tensor_parallel(self) -> bool:

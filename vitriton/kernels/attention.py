@@ -472,12 +472,14 @@ def pick_config(head_dim: int, seq: int, batch_heads: int, dtype: torch.dtype, s
         return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=4, split_tail=False)
     few_programs = batch_heads * triton.cdiv(seq, 128) < 2 * sm_count
     if seq < 384:
-        # S 197 and 257: 64 x 32 tiles waste the fewest padded rows and give the most programs; at head_dim 104
-        # (bigG, 64 + 32 + 16 columns) 166.8 TF/s against 161.4 for 128 x 32 with the tail split and cuDNN's 164
-        # (results/h100/session18/attention_sweep_bigG.log; padding the head to one 128-wide chunk lost there).
+        # S 197 and 257, every head dim up to 128: 64 x 32 tiles waste the fewest padded rows and give the most
+        # programs. Measured at head dims 64, 80 and 104 (bigG, 64 + 32 + 16 columns: 166.8 TF/s against 161.4 for
+        # 128 x 32 with the tail split and cuDNN's 164; results/h100/session18/attention_sweep_bigG.log, where
+        # padding the head to one 128-wide chunk lost); other head dims of 88-128 came here untimed.
         return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, split_tail=False)
     if padded > 80:
-        # head_dim 104 (64 + 32 + 16 columns): narrow key blocks keep three accumulators in registers.
+        # Head dims of 88-128 from S 384 (104: 64 + 32 + 16 columns): narrow key blocks keep three accumulators in
+        # registers (not yet timed at these lengths).
         return AttentionConfig(block_m=128, block_n=32, num_warps=4, num_stages=3, split_tail=True)
     if padded <= 64 or few_programs:
         # S 577 at head_dim 64 (288 TF/s, cuDNN 294), and batch-1 latency: twice the programs of 128-row tiles.
