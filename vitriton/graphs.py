@@ -50,6 +50,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import math
 import operator
 import os
 import threading
@@ -840,9 +841,7 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
         elif isinstance(value, (list, tuple)) and value and all(map(_is_int, value)):
             int_options.append((name, (type(value) is tuple, len(value))))
             ints.extend(value)
-        elif isinstance(value, _CONSTANTS) or (
-            isinstance(value, (list, tuple)) and all(isinstance(v, _CONSTANTS) for v in value)
-        ):
+        elif _literal(value) or (isinstance(value, (list, tuple)) and all(map(_literal, value))):
             options.append((name, value))
         else:
             return None
@@ -859,6 +858,11 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
     pooled = flat[1] if len(flat) == states + 2 else None
     hidden_states = None if record is None else tuple(flat[len(flat) - states :])
     return tower.assemble(flat[0], pooled, hidden_states, return_dict)
+
+
+def _literal(value: Any) -> bool:
+    """Whether ``value`` survives ``repr`` and ``ast.literal_eval`` (the op's arguments): no inf or nan."""
+    return isinstance(value, _CONSTANTS) and not (isinstance(value, float) and not math.isfinite(value))
 
 
 def _is_int(value: Any) -> bool:

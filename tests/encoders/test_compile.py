@@ -206,3 +206,35 @@ def test_export_traces_the_tower_through_or_says_why_not(fake_graphs):
     torch.testing.assert_close(program.module()(px).pooler_output, tower(px).pooler_output)
     with pytest.raises(Exception, match="would call this process's tower"):
         torch.export.export(tower, (px,), strict=True)
+
+
+@torch.no_grad()
+def test_siglip_vision_compiled_through_after_the_image_size_turned_symbolic():
+    """A SigLIP tower traced through its kernels (graphs off here: the CPU) keeps accepting any image with as many
+    patches as its position table once dynamo has made the image size symbolic."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch._dynamo.reset()
+    config = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, patch_size=3, image_size=6,
+        vision_use_head=False,
+    )  # fmt: skip
+    model = vitriton.from_transformers(SiglipVisionModel(config).eval(), device="cpu")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for shape, interpolate in (((6, 6), True), ((9, 3), True), ((6, 6), False), ((3, 12), False)):
+        px = torch.randn(1, 3, *shape)
+        want = model(px, interpolate_pos_encoding=interpolate).last_hidden_state
+        torch.testing.assert_close(compiled(px, interpolate_pos_encoding=interpolate).last_hidden_state, want)
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_compiled_tower_takes_options_a_repr_cannot_carry(fake_graphs):
+    """A non-finite float among the extra keywords (which the forward ignores, as transformers' do) keeps the call
+    traced through instead of breaking the op's argument string."""
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    ops = graph_ops(tower, px, unused=float("inf"))
+    assert "vitriton.tower.default" not in ops
+    compiled = torch.compile(tower, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(px, unused=float("nan")).pooler_output, tower(px).pooler_output)

@@ -626,7 +626,9 @@ class PatchEmbeddings(nn.Module):
                 f"image size {height}x{width} does not match the config's {self.image_size}x{self.image_size}; "
                 f"pass interpolate_pos_encoding=True to run other sizes"
             )
-        elif self.class_embedding is None and len(self.position_embedding) not in (1, patches):
+        elif self.class_embedding is None and 1 != len(self.position_embedding) != patches:
+            # Two comparisons, not ``not in (1, patches)``: dynamo decided that membership test wrongly once the
+            # image size had become a symbolic shape (a valid image raised under torch.compile).
             raise ValueError(
                 f"image size {height}x{width} gives {patches} patches of {self.patch_size} pixels; the position table "
                 f"holds {len(self.position_embedding)} (the config's {self.image_size}x{self.image_size}): pass "
