@@ -925,9 +925,10 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     result, seen = [], set()
     for tensor in tensors:
         tensor = tensor.contiguous()
-        if tensor.untyped_storage().data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensor = tensor.clone()  # a fresh storage, which no later output can share
+        seen.add(storage)
         result.append(tensor)
     return result
 
