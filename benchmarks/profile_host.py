@@ -1,7 +1,7 @@
 """Where the time of a batch-1 forward goes, for vitriton and transformers (sdpa) side by side.
 
     python3 benchmarks/profile_host.py [--models siglip-so400m-384 clip-text-l14] [--top 15] [--calls 30]
-        [--profile vitriton-nographs | vitriton | vitriton-graphs]
+        [--profile vitriton-nographs | vitriton | vitriton-graphs | vitriton-compile ...]
 
 A batch-1 forward launches a few hundred small kernels; when the host is slower than the GPU, the wall time
 is the host's. For each preset (random weights, bf16) and provider this prints, as medians over ``calls``
@@ -10,8 +10,9 @@ plain calls after warm-up:
   enqueue  the host's time to return from the call (the GPU still running), i.e. the cost of launching it
   gpu      device time of the kernels (torch.profiler, one call), and their count
 When enqueue is close to wall, the call is host-bound and only fewer or cheaper launches make it faster.
-Then the cProfile of one provider's calls (``--profile``: launched from Python, or the automatic or explicit
-graphs' host work around a replay), sorted by own time, so the functions that cost the most come first.
+Then the cProfile of each named provider's calls (``--profile``: launched from Python, the automatic or explicit
+graphs' host work around a replay, or the model compiled as loaded), sorted by own time, so the functions that
+cost the most come first.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument(
         "--profile",
-        choices=("vitriton-nographs", "vitriton", "vitriton-graphs"),
-        default="vitriton-nographs",
-        help="whose calls cProfile records: every launch from Python, or the host work around a graph replay",
+        nargs="+",
+        choices=("vitriton-nographs", "vitriton", "vitriton-graphs", "vitriton-compile"),
+        default=["vitriton-nographs"],
+        help="whose calls cProfile records: every launch from Python, the host work around a graph replay, or "
+        "a compiled call of the model as loaded",
     )
     args = parser.parse_args()
     import vitriton
@@ -89,6 +92,9 @@ def main() -> None:
             ),
             "hf-sdpa": hf,
         }
+        if "vitriton-compile" in args.profile:  # its towers run as one op each (vitriton.graphs.compiled_call)
+            loaded = vitriton.from_transformers(master, dtype=torch.bfloat16, device="cuda")
+            models["vitriton-compile"] = torch.compile(loaded, fullgraph=True)
         with torch.inference_mode():
             for provider, model in models.items():
                 fn = lambda model=model, inputs=inputs: model(inputs)  # noqa: E731
@@ -102,17 +108,18 @@ def main() -> None:
                     f"({kernels} kernels)",
                     flush=True,
                 )
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(args.calls):
-                models[args.profile](inputs)
-            synchronize()
-            profiler.disable()
-        profiles[name] = profiler
+            for provider in args.profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(args.calls):
+                    models[provider](inputs)
+                synchronize()
+                profiler.disable()
+                profiles[name, provider] = profiler
         del models, hf, master
         torch.cuda.empty_cache()
-    for name, profiler in profiles.items():
-        print(f"\n{name} b1, {args.profile}: cProfile of {args.calls} calls")
+    for (name, provider), profiler in profiles.items():
+        print(f"\n{name} b1, {provider}: cProfile of {args.calls} calls")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.top)
     header = f"{'model':<20} {'provider':<17} {'wall ms':>8} {'enqueue':>8} {'gpu ms':>7} {'kernels':>8}"
     print(f"\n{header} {'enqueue/kernel us':>18}")

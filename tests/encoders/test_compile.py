@@ -156,6 +156,28 @@ def test_compiled_towers_traced_through_where_graphs_do_not_serve(case, fake_gra
 
 
 @torch.no_grad()
+def test_hook_registered_after_compiling_runs_in_the_op(fake_graphs):
+    """Whether a tower is hooked is read once per compilation (dynamo does not guard module hooks either): a hook
+    added later runs in the op's plain call, which then runs eagerly, on real tensors, and its effect is kept."""
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    compiled = torch.compile(tower, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        before = compiled(px).pooler_output
+    seen = []
+
+    def shift(module, args, out):
+        seen.append(type(out[0] if isinstance(out, tuple) else out))
+        return (out[0] + 1, *out[1:]) if isinstance(out, tuple) else out + 1
+
+    tower.encoder.layers[0].register_forward_hook(shift)
+    got = compiled(px)
+    assert seen and all(kind is torch.Tensor for kind in seen), seen
+    torch.testing.assert_close(got.pooler_output, tower(px).pooler_output)
+    assert not torch.allclose(got.pooler_output, before)
+
+
+@torch.no_grad()
 def test_compiled_tower_rejects_extra_positional_arguments_as_eager_does(fake_graphs):
     tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
     px = models.pixels(1, models.CLIP_VISION["image_size"])
