@@ -824,7 +824,7 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
         return None
     if torch.is_grad_enabled() or torch.is_autocast_enabled(graphs.device_type):
         return None
-    if len(args) > len(positional) or _traced_through(tower):
+    if len(args) > len(positional) or _traced_through(graphs.handle):
         return None
     named = dict(zip(positional[: len(args)], args, strict=True))
     named.update(kwargs)
@@ -870,12 +870,14 @@ def _is_int(value: Any) -> bool:
 
 
 @torch._dynamo.assume_constant_result
-def _traced_through(tower: nn.Module) -> bool:
-    """Whether compiled code must trace through ``tower``'s kernels because it is sharded (tensor parallelism) or
-    hooked (:func:`_hooked`). Read once per compilation, as a constant: walked by dynamo, the modules' attributes
-    it reads would be guards checked on every compiled call (about 35 us on the CPU). Like dynamo, which does not
-    guard module hooks either, hooks registered after compiling are not seen here; the op's plain call still
-    runs them, since a replay refuses a hooked tower."""
+def _traced_through(handle: int) -> bool:
+    """Whether compiled code must trace through the kernels of the tower ``handle`` names because it is sharded
+    (tensor parallelism) or hooked (:func:`_hooked`). Read once per compilation, as a constant: walked by dynamo,
+    the modules' attributes it reads would be guards checked on every compiled call (about 35 us on the CPU).
+    Like dynamo, which does not guard module hooks either, this does not see hooks registered after compiling;
+    the op's plain call still runs them, since a replay refuses a hooked tower. It takes the handle, an int:
+    dynamo in torch 2.11 passes only constants to such a function, not modules."""
+    tower = _ATTACHED[handle]
     return tower.tensor_parallel or _hooked(tower)
 
 

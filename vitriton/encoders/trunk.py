@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -715,8 +716,8 @@ class TextEmbeddings(nn.Module):
     """Vocabulary-parallel token embedding plus a replicated learned position table.
 
     Ids are checked without waiting for the device: CPU ids in eager mode raise a ValueError before the lookup;
-    CUDA ids (and any ids under torch.compile) go through ``torch._assert_async``, which fails the next
-    synchronising call with a message naming the problem.
+    CUDA ids (and any ids under torch.compile or in a fake-tensor run, which have no values to read) go through
+    ``torch._assert_async``, which fails the next synchronising call with a message naming the problem.
     """
 
     def __init__(self, prefix: str, config, weights: Weights):
@@ -745,7 +746,7 @@ class TextEmbeddings(nn.Module):
     def check_range(ids: torch.Tensor, limit: int, what: str, allowed: str) -> None:
         if not ids.numel():
             return
-        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(ids):
             low, high = ids.min().item(), ids.max().item()
             if low < 0 or high >= limit:
                 raise ValueError(f"{what} {low if low < 0 else high} is outside {allowed}")
