@@ -8,8 +8,9 @@
 # suite: every single-GPU test, its test ids dealt round-robin over the visible GPUs, one pytest per GPU;
 # gemm_ws: the linear kernels' GPU tests, every encoder GEMM at batch 128 against cuBLAS (the warp-specialised
 # kernel among the candidates), and attention against cuDNN;
-# compile: the compiled models' GPU tests, and batch 1 of the model compiled as loaded (default and
-# reduce-overhead modes) against the plain call, explicit graphs and transformers compiled.
+# compile: the compiled models' GPU tests, host cost per op call, and batch 1 of the four reference models compiled
+# as loaded (default and reduce-overhead modes) against the plain call, explicit graphs, transformers sdpa and
+# transformers compiled with reduce-overhead.
 set -uo pipefail
 stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws or compile}
 out=${2:?output directory}
@@ -73,10 +74,12 @@ gemm_ws)
     ;;
 compile)
     run gpu_tests_compile 200 python3 -m pytest tests/encoders/test_compile.py -m gpu -q -p no:cacheprovider
-    run compile_b1 330 python3 -m benchmarks.report --models clip-vit-l14-336 clip-text-l14 --batch-sizes 1 \
-        --providers vitriton vitriton-graphs vitriton-compile vitriton-compile-ro hf-compile hf-compile-ro \
-        --seconds 0.2 --out "$out/compile_b1"
+    run bench_launch 60 python3 benchmarks/bench_launch.py --json "$out/bench_launch.json"
+    run compile_b1 440 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
+        clip-text-l14 --batch-sizes 1 --providers vitriton vitriton-graphs vitriton-compile vitriton-compile-ro \
+        hf-sdpa hf-compile-ro --baseline hf-compile-ro --seconds 0.2 --out "$out/compile_b1"
     tail -3 "$out/gpu_tests_compile.log"
+    tail -12 "$out/bench_launch.log"
     grep " b1 " "$out/compile_b1.log"
     ;;
 suite)
