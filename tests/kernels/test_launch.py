@@ -136,3 +136,64 @@ def test_scratch_allocator_is_lent_only_where_none_is_set():
         assert _allocation._allocator.get() is user_allocator
 
     contextvars.copy_context().run(check)  # set_allocator stays inside this context
+
+
+def _last_plan(module) -> _launch.Plan:
+    return next(reversed(module.PLANS.plans.values()))[0]
+
+
+@pytest.mark.parametrize("op", ["linear", "qkv", "layer_norm", "attention"])
+def test_programmatic_dependent_launch_where_the_device_has_it(op, monkeypatch):
+    """Every op's kernel is launched with PDL on a device of compute capability 9 and up, and without it on the
+    CPU, on older GPUs or with VITRITON_PDL=0; the results equal the reference either way."""
+    module, _, run, reference, _ = _cases()[op]
+    capable = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    for enabled in (True, False):
+        monkeypatch.setattr(_launch, "PDL_ENABLED", enabled)
+        module.PLANS.clear()
+        out = run()
+        plan = _last_plan(module)
+        assert plan.const_kwargs["PDL"] is (enabled and capable)
+        if plan.compiled is not None:
+            assert bool(plan.compiled.metadata.launch_pdl) is (enabled and capable)
+        torch.testing.assert_close(out, reference(), rtol=1e-4, atol=1e-4)
+    module.PLANS.clear()
+
+
+@pytest.mark.gpu
+def test_kernels_chained_under_pdl_replay_from_a_cuda_graph():
+    """A layer's chain of kernels (add + LayerNorm, QKV, attention, fc1), each waiting on the one before through
+    PDL, captured in a CUDA graph: replays with new inputs equal the eager chain."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9 or more")
+    generator = torch.Generator(device="cuda").manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+
+    x, residual = randn(2, 77, 128), randn(2, 77, 128)
+    ln_w, ln_b = randn(128), randn(128)
+    w_qkv, b_qkv = randn(3 * 128, 128) / 8, randn(3 * 128)
+    w_fc1, b_fc1 = randn(512, 128) / 8, randn(512)
+
+    def chain(x, residual):
+        normed, _ = layernorm.layer_norm_triton(x, ln_w, ln_b, 1e-5, residual)
+        q, k, v = qkv.qkv_projection_triton(normed, w_qkv, b_qkv, 2).unbind(0)
+        mixed = attention.attention_triton(q, k, v, causal=True)
+        return linear.linear_triton(mixed, w_fc1, b_fc1, "quick_gelu")
+
+    static_x, static_residual = x.clone(), residual.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(static_x, static_residual)  # compiles, tunes and plans outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x, static_residual)
+    assert _last_plan(linear).compiled.metadata.launch_pdl
+    for _ in range(3):
+        static_x.copy_(randn(2, 77, 128))
+        static_residual.copy_(randn(2, 77, 128))
+        graph.replay()
+        torch.testing.assert_close(static_out, chain(static_x, static_residual), rtol=0, atol=0)
