@@ -22,31 +22,18 @@ any stream, as any torch temporary is).
 
 Every op's constexpr parameters come last in its kernel's signature, so a launch passes the runtime arguments
 followed by the plan's constexpr values, in declaration order, as triton's launcher expects.
-
-Programmatic dependent launch (PDL, compute capability 9 and up): every kernel is launched with
-``launch_pdl=True``, so the GPU may start it while the kernel before it in the stream is still running. Each
-kernel takes a ``PDL`` constexpr, and with it the kernel's first instructions are ``gdc_wait`` and
-``gdc_launch_dependents``. ``gdc_wait`` waits for the previous kernel to finish, with its memory visible, before
-the kernel reads its inputs or writes anything, including memory the previous kernel may still be reading (a
-buffer the caching allocator handed on). ``gdc_launch_dependents`` lets the next kernel launch early in turn.
-What this hides is the gap between two kernels, their launch latency, which counts at batch 1, where a kernel
-runs for a few microseconds. CUDA graphs capture the dependencies as programmatic edges. ``VITRITON_PDL=0`` in
-the environment at import turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
 import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 try:
     from triton import knobs as _knobs
@@ -243,35 +230,6 @@ class PlanCache:
         self.builds = self.hits = 0
 
 
-@triton.jit
-def pdl_prologue(PDL: tl.constexpr):
-    """Every kernel's first statement: under programmatic dependent launch, wait for the previous kernel in the
-    stream (its writes visible, its reads done), then let the next one launch (module docstring)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-PDL_ENABLED = os.environ.get("VITRITON_PDL", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def pdl_launch(args: Sequence[Any]) -> bool:
-    """Whether a launch on these arguments uses programmatic dependent launch (module docstring): PDL is on and the
-    first tensor (or TMA descriptor's tensor) lies on a CUDA device of compute capability 9 or more."""
-    if not PDL_ENABLED:
-        return False
-    for arg in args:
-        tensor = arg if isinstance(arg, torch.Tensor) else getattr(arg, "base", None)
-        if isinstance(tensor, torch.Tensor):
-            return tensor.is_cuda and _cuda_major(tensor.device.index) >= 9
-    return False
-
-
-@functools.cache
-def _cuda_major(device_index: int | None) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 def first_launch(
     kernel: Any,
     grid: Callable[[dict[str, Any]], tuple[int, ...]] | tuple[int, ...],
@@ -283,11 +241,8 @@ def first_launch(
     """Runs ``kernel`` through triton's own path (compiling and autotuning as needed) and returns its plan.
 
     ``names`` are the runtime parameters that ``args`` fill, in order; ``kwargs`` the constexprs and launch
-    options (num_warps, num_stages) the op sets itself. ``config`` pins a config instead of autotuning. The
-    kernel's ``PDL`` constexpr and triton's ``launch_pdl`` option are set here (:func:`pdl_launch`).
+    options (num_warps, num_stages) the op sets itself. ``config`` pins a config instead of autotuning.
     """
-    pdl = pdl_launch(args)
-    kwargs = {**kwargs, "PDL": pdl, **({"launch_pdl": True} if pdl else {})}
     layers = _layers(kernel)
     if config is not None:
         # Skip the autotuner: the next layer (heuristics, or the jitted function) takes the config's values.

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting, use_triton
-from vitriton.kernels._launch import PlanCache, first_launch, pdl_prologue, sm_count
+from vitriton.kernels._launch import PlanCache, first_launch, sm_count
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -336,9 +336,7 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (_launch.first_launch sets it)
 ):
-    pdl_prologue(PDL)
     pid = tl.program_id(0)
     if TAIL_M > 0:
         tiles = full_tiles + 1

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
-from vitriton.kernels._launch import PlanCache, first_launch, pdl_prologue, rows_view
+from vitriton.kernels._launch import PlanCache, first_launch, rows_view
 
 # Widest row the fused kernel takes: beyond this a whole row no longer fits a program's registers.
 MAX_FUSED_N = 32768
@@ -53,9 +53,7 @@ def _add_layer_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (_launch.first_launch sets it)
 ):
-    pdl_prologue(PDL)
     # 64-bit rows: row * stride passes 2^31 once M * N does (93312 rows of 23k columns).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting, use_triton
-from vitriton.kernels._launch import PlanCache, check_out, first_launch, pdl_prologue, rows_view, sm_count
+from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view, sm_count
 from vitriton.kernels._matmul import (
     SMALL_M,
     accumulate_tile_tma,
@@ -137,9 +137,7 @@ def _linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (_launch.first_launch sets it)
 ):
-    pdl_prologue(PDL)
     pid_m, pid_n, acc = gemm_tile(
         x,
         w,
@@ -241,13 +239,11 @@ def _linear_persistent_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (_launch.first_launch sets it)
 ):
     """The TMA path at large M as a persistent kernel (the persistent-matmul tutorial's schedule,
     https://triton-lang.org/main/getting-started/tutorials/09-persistent-matmul.html): ``flatten`` turns the
     tile loop and its K loop into one software-pipelined loop, so the next tile's first loads are in flight
     while this tile's bias, activation and TMA stores run."""
-    pdl_prologue(PDL)
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
         _persistent_tile(
@@ -280,7 +276,6 @@ def _linear_ws_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (_launch.first_launch sets it)
 ):
     """The persistent kernel's schedule, warp-specialised (triton 3.6 on Hopper): at num_warps=4 the compiler
     splits the tile loop into a producer warp issuing the TMA loads and two consumer warpgroups taking turns
@@ -288,7 +283,6 @@ def _linear_ws_kernel(
     instead of running in series with it. The compiler only does this with descriptors built in the kernel
     (global scratch memory per program, which ``_launch.Plan`` allocates per launch), an unflattened tile
     loop and an epilogue stored whole (no column split)."""
-    pdl_prologue(PDL)
     x = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
     w = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
     out = tl.make_tensor_descriptor(out_ptr, [M, N], [N, 1], [BLOCK_M, BLOCK_N])

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import use_triton
-from vitriton.kernels._launch import PlanCache, check_out, first_launch, pdl_prologue, rows_view
+from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
 from vitriton.kernels._matmul import (
     SMALL_M,
     check_operands,
@@ -93,9 +93,7 @@ def _qkv_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
-    PDL: tl.constexpr = False,  # programmatic dependent launch (_launch.first_launch sets it)
 ):
-    pdl_prologue(PDL)
     pid_m, pid_n, acc = gemm_tile(
         x,
         w,
