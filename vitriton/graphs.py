@@ -627,8 +627,10 @@ class AutoGraphs:
 
     def __init__(self, enabled: bool | None = None):
         self.enabled = auto_default() if enabled is None else bool(enabled)
-        # How a compiled graph names this tower to the op it calls (``tower_op``): set by ``attach``.
-        self.handle: int | None = None
+        # How a compiled graph names this tower to the op it calls (``tower_op``): set by ``attach``. A string,
+        # which dynamo always keeps constant (an int attribute of a module may become symbolic under its
+        # ``allow_unspec_int_on_nn_module``).
+        self.handle: str | None = None
         # The tower's structure, cached until a registration anywhere bumps _structure["version"].
         self._version = -1
         # Its submodules (not the tower itself: a reference to it here would be a cycle that keeps a deleted
@@ -644,7 +646,7 @@ class AutoGraphs:
 
     def attach(self, tower: nn.Module) -> None:
         """Makes this the graphs of ``tower`` for compiled calls: a handle that ``tower_op`` finds it by."""
-        self.handle = next(_handles)
+        self.handle = str(next(_handles))
         _ATTACHED[self.handle] = tower
 
     def reset(self) -> None:
@@ -802,7 +804,7 @@ def replayable(forward: Callable[..., Any]) -> Callable[..., Any]:
 # sees the tower as one opaque op instead (``vitriton::tower``): at run time the op makes the plain call (its
 # automatic graph, or eagerly what a graph cannot serve), and the compiled graph fuses what lies around it.
 _FORWARDS: list[Callable[..., Any]] = []  # the forwards ``replayable`` decorated, by the id the op passes
-_ATTACHED: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()  # towers by handle
+_ATTACHED: weakref.WeakValueDictionary[str, nn.Module] = weakref.WeakValueDictionary()  # towers by handle
 _handles = itertools.count(1)
 _CONSTANTS = (bool, int, float, str, type(None))
 
@@ -870,12 +872,13 @@ def _is_int(value: Any) -> bool:
 
 
 @torch._dynamo.assume_constant_result
-def _traced_through(handle: int) -> bool:
+def _traced_through(handle: str) -> bool:
     """Whether compiled code must trace through the kernels of the tower ``handle`` names because it is sharded
     (tensor parallelism) or hooked (:func:`_hooked`). Read once per compilation, as a constant: walked by dynamo,
     the modules' attributes it reads would be guards checked on every compiled call (about 35 us on the CPU).
     Like dynamo, which does not guard module hooks either, this does not see hooks registered after compiling;
-    the op's plain call still runs them, since a replay refuses a hooked tower. It takes the handle, an int:
+    the op's plain call still runs them, since a replay refuses a hooked tower (not under torch.compile's
+    reduce-overhead mode, whose CUDA graph replays the op's kernels without its Python). It takes the handle:
     dynamo in torch 2.11 passes only constants to such a function, not modules."""
     tower = _ATTACHED[handle]
     return tower.tensor_parallel or _hooked(tower)
@@ -898,7 +901,7 @@ def _arguments(text: str) -> tuple:
     return ast.literal_eval(text)
 
 
-def _opaque_call(handle: int, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str) -> tuple:
+def _opaque_call(handle: str, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str) -> tuple:
     """(tower, forward, keyword arguments) of a call ``vitriton::tower`` makes: ``arguments`` is the repr of
     (the tensors' names, (name, value) of the other constant arguments, (name, layout) of the int arguments,
     whose values are ``ints``: None for an int, (is a tuple, length) for a list or tuple of them). ``return_dict``
@@ -945,19 +948,46 @@ def _unaliased(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return result
 
 
-# Defined on a plain torch.library fragment rather than with ``torch.library.custom_op``: the op runs only with
-# grad off (:func:`compiled_call`), so it needs no autograd layer, and custom_op's Python one cost about 19 us per
-# call on the CPU.
-_LIBRARY = torch.library.Library("vitriton", "FRAGMENT")
-_LIBRARY.define("tower(int handle, int forward_id, Tensor[] tensors, SymInt[] ints, str arguments) -> Tensor[]")
+# Defined on a torch.library fragment rather than with ``torch.library.custom_op``: the op runs only with grad off
+# (:func:`compiled_call`), so it needs no autograd layer, and custom_op's Python one cost about 19 us per call on
+# the CPU. The fragment replaces an earlier definition, as custom_op does, so importing this module again works.
+_LIBRARY = torch._library.custom_ops.get_library_allowing_overwrite("vitriton", "tower")
+_LIBRARY.define(
+    "tower(str handle, int forward_id, Tensor[] tensors, SymInt[] ints, str arguments) -> Tensor[]",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+
+# What the op's fake implementation traced, by (handle, forward, arguments, int arguments, input dtypes): each
+# output's dtype and rank. A hook registered after compiling runs in the op's plain call and could change them,
+# which the compiled code after the op would misread; the real implementation compares and raises instead.
+_TRACED: dict[tuple, list[tuple[torch.dtype, int]]] = {}
+
+
+def _traced_key(handle: str, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str) -> tuple:
+    # int() specialises a symbolic int, as the fake implementation's call does already (_opaque_call)
+    return handle, forward_id, arguments, tuple(map(int, ints)), *(t.dtype for t in tensors)
+
+
+def _layout(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, int]]:
+    return [(t.dtype, t.dim()) for t in tensors]
 
 
 def _tower_impl(
-    handle: int, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str
+    handle: str, forward_id: int, tensors: list[torch.Tensor], ints: list[int], arguments: str
 ) -> list[torch.Tensor]:
     """A tower's plain call (its automatic graph where one serves it) from a compiled graph: :func:`compiled_call`."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("vitriton::tower has no backward: call it with grad off (torch.no_grad)")
     tower, forward, kwargs = _opaque_call(handle, forward_id, tensors, ints, arguments)
-    return _unaliased(_output_tensors(tower.auto_graphs(tower, forward, (), kwargs)))
+    outputs = _unaliased(_output_tensors(tower.auto_graphs(tower, forward, (), kwargs)))
+    traced = _TRACED.get(_traced_key(handle, forward_id, tensors, ints, arguments))
+    if traced is not None and traced != _layout(outputs):
+        raise RuntimeError(
+            f"vitriton::tower: {type(tower).__name__} returned {_layout(outputs)} (dtype, rank) where torch.compile "
+            f"traced {traced}; a hook registered after compiling changes its outputs. Compile again "
+            f"(torch._dynamo.reset()) or register the hook before compiling"
+        )
+    return outputs
 
 
 _LIBRARY.impl("tower", _tower_impl, "CompositeExplicitAutograd")
@@ -983,7 +1013,11 @@ def _tower_fake(handle, forward_id, tensors, ints, arguments):
             output = forward(tower, **kwargs)
     finally:
         mode.allow_non_fake_inputs = allowed
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in _output_tensors(output)]
+    outputs = _output_tensors(output)
+    if len(_TRACED) >= 4096:
+        _TRACED.clear()  # many compiled variants: forget the oldest checks rather than grow
+    _TRACED[_traced_key(handle, forward_id, tensors, ints, arguments)] = _layout(outputs)
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in outputs]
 
 
 def check_cuda_graphs(model: nn.Module, cuda_graphs: str | bool | Sequence[int]) -> tuple[int, ...] | None:

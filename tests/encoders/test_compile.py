@@ -8,6 +8,7 @@ import torch
 
 import vitriton
 from tests.encoders import models
+from vitriton.graphs import _FORWARDS, AutoGraphs, tower_op
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +172,55 @@ def test_hook_registered_after_compiling_runs_in_the_op(fake_graphs):
         return (out[0] + 1, *out[1:]) if isinstance(out, tuple) else out + 1
 
     tower.encoder.layers[0].register_forward_hook(shift)
-    got = compiled(px)
+    calls = []
+    plain_call = AutoGraphs.__call__
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AutoGraphs, "__call__", lambda *args: calls.append(1) or plain_call(*args))
+        got = compiled(px)
+    assert calls and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before  # the op, no recompile
     assert seen and all(kind is torch.Tensor for kind in seen), seen
     torch.testing.assert_close(got.pooler_output, tower(px).pooler_output)
     assert not torch.allclose(got.pooler_output, before)
+
+
+@torch.no_grad()
+def test_hook_after_compiling_that_changes_an_output_dtype_raises(fake_graphs):
+    """The compiled code after the op reads its outputs as traced; a later hook changing an output's dtype would
+    be misread (wrong values, or memory read past an output), so the op raises and says what to do."""
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    compiled = torch.compile(lambda x: tower(x).pooler_output * 2, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        compiled(px)
+    tower.post_layernorm.register_forward_hook(lambda module, args, out: (out[0].double(), *out[1:]))
+    with pytest.raises(RuntimeError, match="a hook registered after compiling changes its outputs"):
+        compiled(px)
+
+
+@torch.no_grad()
+def test_compiled_tower_guards_do_not_walk_the_layers(fake_graphs):
+    """Whether the tower is sharded or hooked is read once per compilation, so no guard checks each layer on every
+    call (a walk over a 24-layer tower's modules cost about 35 us a call on the CPU)."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    compiled = torch.compile(tower, fullgraph=True, backend="eager")
+    compiled(px)
+    (entry,) = _debug_get_cache_entry_list(type(tower).forward.__code__)
+    guards = str(entry.guard_manager)
+    assert "vitriton.tower.default" in graph_ops(tower, px)
+    assert "_modules['layers']._modules['0']._" not in guards, guards  # nothing read inside a layer
+
+
+def test_tower_op_is_pt2_compliant_and_refuses_grad(fake_graphs):
+    assert torch.Tag.pt2_compliant_tag in tower_op.tags
+    tower = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    px = models.pixels(1, models.CLIP_VISION["image_size"]).requires_grad_()
+    with pytest.raises(RuntimeError, match="has no backward"):
+        forward_id = _FORWARDS.index(type(tower).forward.__wrapped__)
+        tower_op(tower.auto_graphs.handle, forward_id, [px], [], "(('pixel_values',), (), ())")
 
 
 @torch.no_grad()
