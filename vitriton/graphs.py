@@ -958,8 +958,9 @@ _LIBRARY.define(
 )
 
 # What the op's fake implementation traced, by (handle, forward, arguments, int arguments, input dtypes): each
-# output's dtype and rank. A hook registered after compiling runs in the op's plain call and could change them,
-# which the compiled code after the op would misread; the real implementation compares and raises instead.
+# output's dtype and rank. A hook registered after compiling (it runs in the op's plain call) or a cast of the model
+# could change them, which the compiled code after the op would misread; the real implementation compares and
+# raises instead.
 _TRACED: dict[tuple, list[tuple[torch.dtype, int]]] = {}
 
 
@@ -984,8 +985,8 @@ def _tower_impl(
     if traced is not None and traced != _layout(outputs):
         raise RuntimeError(
             f"vitriton::tower: {type(tower).__name__} returned {_layout(outputs)} (dtype, rank) where torch.compile "
-            f"traced {traced}; a hook registered after compiling changes its outputs. Compile again "
-            f"(torch._dynamo.reset()) or register the hook before compiling"
+            f"traced {traced}: its outputs changed since compiling (a hook registered since, or the model cast to "
+            f"another dtype). Compile again (torch._dynamo.reset()), or register hooks before compiling"
         )
     return outputs
 
