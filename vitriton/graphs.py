@@ -885,15 +885,9 @@ def _traced_through(handle: str) -> bool:
 
 
 def _hooked(tower: nn.Module) -> bool:
-    """Whether a submodule of ``tower``, or the process, has module hooks."""
-    if _global_hooks():
-        return True
-    for module in tower.modules():
-        if module is not tower and (
-            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-        ):
-            return True
-    return False
+    """Whether a submodule of ``tower``, or the process, has module hooks (the kinds ``_HOOKS`` reads)."""
+    submodules = [module for module in tower.modules() if module is not tower]
+    return _global_hooks() or any(any(map(hooks, submodules)) for hooks in _HOOKS)
 
 
 @functools.lru_cache(maxsize=256)
