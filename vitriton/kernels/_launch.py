@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -64,8 +65,8 @@ class Plan:
     """One call signature's launch: ``plan.launch(device_index, *runtime_args)``."""
 
     __slots__ = (
-        "compiled", "config", "const_args", "const_kwargs", "function", "grid", "jit", "launcher", "options",
-        "scratch_bytes", "stream_of",
+        "compiled", "config", "const_args", "const_kwargs", "descriptors", "encoded", "function", "grid", "jit",
+        "launcher", "options", "scratch_bytes", "stream_of",
     )  # fmt: skip
 
     def __init__(
@@ -97,6 +98,8 @@ class Plan:
         self.launcher = None
         self.scratch_bytes = 0
         self.stream_of = None
+        self.descriptors = None
+        self.encoded = {}
 
     def attach(self, compiled: Any) -> None:
         """Launch through ``compiled`` (a CompiledKernel) from now on; anything else keeps the jitted path."""
@@ -123,6 +126,7 @@ class Plan:
             and not hasattr(launcher, "arg_annotations")
         ):
             self.launcher = launcher
+            self.descriptors = descriptor_slots(launcher.launch)
 
     def launch(self, device_index: int, *args: Any) -> None:
         compiled = self.compiled
@@ -141,7 +145,10 @@ class Plan:
             scratch = None
             if self.scratch_bytes:
                 scratch = torch.empty(self.scratch_bytes, dtype=torch.int8, device=device_index)
-            launcher.launch(
+            launch = launcher.launch
+            if self.descriptors is not None:
+                launch, full = self.descriptors[0], self.expand(full)
+            launch(
                 grid[0], grid[1], grid[2], stream, self.function, launcher.launch_cooperative_grid,
                 launcher.launch_pdl, scratch, None, compiled.packed_metadata, metadata, enter, exit_hook, *full,
             )  # fmt: skip
@@ -151,6 +158,55 @@ class Plan:
                 grid[0], grid[1], grid[2], stream, self.function, compiled.packed_metadata, metadata, enter, exit_hook,
                 *full,
             )  # fmt: skip
+
+    def expand(self, full: tuple) -> list:
+        """``full`` with each host TMA descriptor replaced by its encoded form (the CUtensorMap, shape, strides),
+        as triton's wrapper would pass it to the C launch. The plan's signature fixes every descriptor's shape,
+        strides and block, so the encoding depends on the base address alone and is kept per (argument,
+        address): a weight is encoded once, and an activation whose buffer the caching allocator hands out
+        again is not encoded again."""
+        _, slots, encode = self.descriptors
+        encoded = self.encoded
+        expanded = []
+        start = 0
+        for index, meta in slots:
+            expanded.extend(full[start:index])
+            descriptor = full[index]
+            key = (index, descriptor.base.data_ptr())
+            value = encoded.get(key)
+            if value is None:
+                if len(encoded) >= MAX_ENCODED:
+                    encoded.clear()
+                value = encoded[key] = tuple(encode(descriptor, meta))
+            expanded.extend(value)
+            start = index + 1
+        expanded.extend(full[start:])
+        return expanded
+
+
+def descriptor_slots(launch: Any) -> tuple[Callable, tuple[tuple[int, Any], ...], Callable] | None:
+    """``(C launch, ((argument index, descriptor metadata), ...), encode)`` for a launch that triton 3.4-3.6 wraps
+    with ``wrap_handle_tensordesc`` (a kernel taking host TMA descriptors), read off the wrapper's closure; None
+    for any other launch, which then runs as it is.
+
+    The wrapper encodes every descriptor into a CUtensorMap on every launch (``make_tensordesc_arg``, 9-20 us
+    of host time per GEMM call on an H100 host, ``benchmarks/NOTES.md``); a plan encodes each (argument,
+    address) once (``Plan.expand``) and calls the C launch itself, with triton's own encoder."""
+    code, closure = getattr(launch, "__code__", None), getattr(launch, "__closure__", None)
+    if code is None or not closure:
+        return None
+    cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in closure), strict=True))
+    raw, indices, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+    encode = getattr(sys.modules.get(launch.__module__), "make_tensordesc_arg", None)
+    if not callable(raw) or not indices or metas is None or len(metas) != len(indices) or encode is None:
+        return None
+    if any(meta is None for meta in metas):  # descriptors passed as pointers, shapes and strides: keep triton's
+        return None
+    return raw, tuple(zip(sorted(indices), metas, strict=True)), encode
+
+
+# Encoded descriptors a plan keeps before it starts again (each is a 128-byte CUtensorMap and a few ints).
+MAX_ENCODED = 256
 
 
 def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
