@@ -9,7 +9,7 @@ Each model's qkv, out_proj, fc1 and fc2 GEMMs, M = batch * tokens, against these
                      epilogue: the ceiling for any fused fc1 (fc1)
   cublas+act         ``F.linear``, then the model's activation as separate ops (fc1)
   vitriton           ``linear_triton``, the model's activation fused at fc1, none at out_proj and fc2 (the
-                     persistent TMA kernel above SMALL_M rows on Hopper); ``qkv_projection_triton``, q, k
+                     persistent TMA kernel for 16-bit operands on Hopper); ``qkv_projection_triton``, q, k
                      and v written head-split, at qkv
   vitriton-tiled     ``linear_triton(persistent=False)``: one program per tile
   vitriton-ws        ``linear_triton(warp_specialize=True)``: the persistent kernel warp-specialised (a producer
@@ -50,7 +50,8 @@ from benchmarks import render  # noqa: E402
 from benchmarks.common import flushed_ms, gpu_name, relative_error, run_benchmark, write_rows  # noqa: E402
 from benchmarks.models import PRESETS, tokens_per_sample  # noqa: E402
 from benchmarks.report import RESULTS, device_slug  # noqa: E402
-from vitriton.kernels._matmul import SMALL_M, last_config, tma_device  # noqa: E402
+from vitriton.kernels._launch import _layers  # noqa: E402
+from vitriton.kernels._matmul import config_name, last_config, tma_device  # noqa: E402
 from vitriton.kernels.linear import (  # noqa: E402
     FAST_TANH,
     _linear_kernel,
@@ -59,6 +60,7 @@ from vitriton.kernels.linear import (  # noqa: E402
     linear_reference,
     linear_triton,
 )
+from vitriton.kernels.linear import PLANS as LINEAR_PLANS  # noqa: E402
 from vitriton.kernels.qkv import _qkv_kernel, qkv_projection_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -192,11 +194,15 @@ def error_of(gemm: Gemm, candidate: Candidate, out: torch.Tensor, cublas_out: to
 
 
 def kernel_config(gemm: Gemm) -> str:
-    """The tile config of the kernel ``vitriton`` ran at ``gemm`` (the linear plan records which kernel)."""
+    """The tile config of the kernel ``vitriton`` ran at ``gemm``, read off the newest linear plan of its M, N and K
+    (the plan records which kernel and config it launches)."""
     if gemm.layer == "qkv":
         return last_config(_qkv_kernel)
-    persistent = gemm.m > SMALL_M and _linear_persistent_kernel.best_config is not None
-    return ("persistent " + last_config(_linear_persistent_kernel)) if persistent else last_config(_linear_kernel)
+    persistent = _layers(_linear_persistent_kernel)[-1]
+    for plan, *_, static in reversed(LINEAR_PLANS.plans.values()):
+        if tuple(static[:3]) == (gemm.m, gemm.n, gemm.k) and plan.config is not None:
+            return ("persistent " if plan.jit is persistent else "") + config_name(plan.config)
+    return "-"
 
 
 def measure(gemm: Gemm, dtype: torch.dtype) -> list[dict[str, Any]]:

@@ -69,6 +69,9 @@ def calls() -> dict[str, object]:
         "qkv_projection": lambda: qkv_projection(x, w_qkv, b_qkv, 2),
         "attention": lambda: attention(q, k, v),
         "linear + quick_gelu": lambda: linear(x, w_fc1, b_fc1, "quick_gelu"),
+        # the path small M took before plans encoded TMA descriptors once per address (the row above: TMA,
+        # persistent, on Hopper)
+        "linear + quick_gelu, plain": lambda: linear_triton(x, w_fc1, b_fc1, "quick_gelu", tma=False),
         "attention (causal + mask)": lambda: attention(q, k, v, causal=True, key_padding_mask=keep),
         f"F.linear {m}x{n}x{n}": lambda: F.linear(x_b1, w_b1, b_b1),
         f"linear_triton {m}x{n}x{n}": lambda: linear_triton(x_b1, w_b1, b_b1),

@@ -6,7 +6,7 @@ The kernels pick a path per call from thresholds measured kernel by kernel (``be
 ``bench_attention``); this times what the choice does to a whole vitriton forward, where the layouts meet
 (the packed q/k/v views make the attention read strided rows):
   qkv      triton: the head-split Triton projection at every M; packed: cuBLAS into the packed layout at every M
-  linear   persistent: the persistent TMA kernel above SMALL_M rows (the default); tiled: one program per tile
+  linear   persistent: the persistent TMA kernel at every M (the default); tiled: one program per tile
   tma      default: TMA descriptors from TMA_MIN_ROWS rows (plain loads below: cheaper to launch); all: at every M
 Each cell is the median ms of plain calls (CUDA events); ratios are against triton-qkv/tiled.
 """
@@ -25,11 +25,11 @@ from benchmarks.common import median_ms
 from benchmarks.models import PRESETS, build_master, cast_inputs, make_inputs
 
 NEVER = 1 << 62
-DEFAULTS = qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M, matmul_module.TMA_MIN_ROWS
-# variant -> (qkv.PACKED_MIN_ROWS, the rows above which linear goes persistent, _matmul.TMA_MIN_ROWS)
+DEFAULTS = qkv_module.PACKED_MIN_ROWS, linear_module.PERSISTENT_MIN_ROWS, matmul_module.TMA_MIN_ROWS
+# variant -> (qkv.PACKED_MIN_ROWS, linear.PERSISTENT_MIN_ROWS, _matmul.TMA_MIN_ROWS)
 VARIANTS = {
-    "triton-qkv/persistent": (NEVER, linear_module.SMALL_M, DEFAULTS[2]),
-    "packed-qkv/persistent": (1, linear_module.SMALL_M, DEFAULTS[2]),
+    "triton-qkv/persistent": (NEVER, 1, DEFAULTS[2]),
+    "packed-qkv/persistent": (1, 1, DEFAULTS[2]),
     "packed-qkv/tiled": (1, NEVER, DEFAULTS[2]),
     "triton-qkv/tiled": (NEVER, NEVER, DEFAULTS[2]),
     "default/tma-all": (DEFAULTS[0], DEFAULTS[1], 1),
@@ -38,7 +38,7 @@ VARIANTS = {
 
 
 def use(variant: tuple[int, int, int]) -> None:
-    qkv_module.PACKED_MIN_ROWS, linear_module.SMALL_M, matmul_module.TMA_MIN_ROWS = variant
+    qkv_module.PACKED_MIN_ROWS, linear_module.PERSISTENT_MIN_ROWS, matmul_module.TMA_MIN_ROWS = variant
     linear_module.PLANS.clear()  # a plan records its kernel and descriptors: re-plan under this variant's rule
     qkv_module.PLANS.clear()
 

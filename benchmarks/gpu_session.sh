@@ -11,8 +11,12 @@
 # compile: the compiled models' GPU tests, host cost per op call, and batch 1 of the four reference models compiled
 # as loaded (default and reduce-overhead modes) against the plain call, explicit graphs, transformers sdpa and
 # transformers compiled with reduce-overhead.
+# epilogue: the linear kernels' GPU tests on the persistent path, and fc1 (the activation epilogue) of every encoder
+# at batch 8 and 128 against cuBLAS;
+# b128: batch-128 throughput of the three reference vision towers against transformers sdpa and both
+# torch.compile modes.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws or compile}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue or b128}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -71,6 +75,22 @@ gemm_ws)
     tail -3 "$out/gpu_tests_linear.log"
     grep -E "fc1|fc2|out_proj" "$out/gemm_b128.log" | head -60
     grep -A 12 "^case" "$out/attention.log"
+    ;;
+epilogue)
+    run gpu_tests_linear 300 python3 -m pytest tests/kernels/test_linear.py tests/kernels/test_launch.py -m gpu \
+        -q -p no:cacheprovider
+    run tests_launch 60 python3 -m pytest tests/kernels/test_launch.py -q -p no:cacheprovider
+    run bench_launch 60 python3 benchmarks/bench_launch.py --json "$out/bench_launch.json"
+    run gemm_fc1 240 python3 -m benchmarks.bench_gemm --models clip-vit-b16-224 clip-vit-l14-336 siglip-so400m-384 \
+        clip-vit-h14-224 clip-vit-bigg14-224 --batch-sizes ${BATCHES:-1 8} --layers fc1 --out "$out"
+    tail -2 "$out/gpu_tests_linear.log" "$out/tests_launch.log"
+    tail -14 "$out/bench_launch.log"
+    grep -E "fc1|cublas  |vitriton  " "$out/gemm_fc1.log" | head -80
+    ;;
+b128)
+    run b128 560 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
+        --batch-sizes 128 --providers vitriton vitriton-graphs hf-sdpa hf-compile hf-compile-ro --out "$out/b128"
+    grep -E " b128 |ratio" "$out/b128.log" | head -30
     ;;
 compile)
     run gpu_tests_compile 200 python3 -m pytest tests/encoders/test_compile.py -m gpu -q -p no:cacheprovider

@@ -1,6 +1,7 @@
-"""Every candidate GEMM tile config, on both main loops (plain loads and TMA), against cuBLAS ``F.linear``.
+"""Every candidate GEMM tile config of every kernel (plain loads, TMA, and at large M the persistent TMA kernel of
+``linear``), against cuBLAS ``F.linear``.
 
-    python3 benchmarks/sweep_matmul.py [--json PATH] [--case SUBSTRING ...]
+    python3 benchmarks/sweep_matmul.py [--json PATH] [--case REGEX ...] [--path load|tma|persistent ...]
 
 The jitted kernels are called directly with explicit meta-parameters, bypassing the autotuner, so every
 config is timed (``triton.testing.do_bench``, median; CUDA-graph replays at M <= 2048) and checked against
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,15 +45,22 @@ ON_GPU = torch.cuda.is_available()
 # None, q/k/v cases a (heads, head_dim) pair and (batch, seq) in place of M.
 GPU_CASES = [
     ("L/14-336 fc1 b128", 128 * 577, 1024, 4096, "quick_gelu"),
+    ("L/14-336 fc1 b8", 8 * 577, 1024, 4096, "quick_gelu"),
+    ("B/16 fc1 b128", 128 * 197, 768, 3072, "quick_gelu"),
+    ("so400m fc1 b8", 8 * 729, 1152, 4304, "gelu_pytorch_tanh"),
+    ("H/14 fc1 b128", 128 * 257, 1280, 5120, "gelu"),
+    ("bigG fc1 b128", 128 * 257, 1664, 8192, "gelu"),
     ("L/14-336 fc2 b128", 128 * 577, 4096, 1024, None),
     ("so400m fc1 b128", 128 * 729, 1152, 4304, "gelu_pytorch_tanh"),
     ("L/14-336 qkv b128", (128, 577), 1024, 3 * 16 * 64, (16, 64)),
     ("so400m qkv b128", (128, 729), 1152, 3 * 16 * 72, (16, 72)),
     ("L/14-336 fc1 b1", 577, 1024, 4096, "quick_gelu"),
+    ("B/16 fc1 b8", 8 * 197, 768, 3072, "quick_gelu"),
+    ("so400m fc1 b1", 729, 1152, 4304, "gelu_pytorch_tanh"),
     ("L/14-336 qkv b1", (1, 577), 1024, 3 * 16 * 64, (16, 64)),
 ]
 CPU_CASES = [
-    ("cpu fc1", 50, 72, 100, "quick_gelu"),
+    ("cpu fc1", 50, 72, 104, "quick_gelu"),
     ("cpu fc2", 37, 104, 64, None),
     ("cpu qkv", (2, 7), 48, 3 * 3 * 72, (3, 72)),
 ]
@@ -73,11 +82,36 @@ SMALL_M_CONFIGS = [
     (128, 128, 64, 8, 4),
 ]
 CPU_CONFIGS = [(16, 32, 32, 1, 1)]
+# The persistent TMA kernel (linear cases above SMALL_M rows): the tile config, then EPILOGUE_SPLIT and
+# CTAS_PER_SM. Two programs an SM need at most 113 KiB each (128x128 at 3 stages with a split store: 112 KiB
+# as compiled for sm90), so that one program's epilogue runs while the other's main loop keeps the tensor
+# cores busy.
+PERSISTENT_CONFIGS = [
+    (128, 256, 64, 8, 3, 2, 1),
+    (256, 128, 64, 8, 3, 2, 1),
+    (128, 128, 64, 8, 4, 2, 1),
+    (128, 128, 64, 4, 3, 2, 1),
+    (128, 128, 64, 4, 3, 2, 2),
+    (128, 128, 64, 4, 2, 1, 2),
+    (128, 128, 64, 4, 2, 2, 2),
+    (64, 256, 64, 4, 2, 2, 2),
+]
+# At M <= SMALL_M (batch 1 to 8) the grid is short of tiles: 64-row tiles (104 KiB at 4 stages, two an SM).
+PERSISTENT_SMALL_M_CONFIGS = [
+    (64, 128, 64, 4, 4, 2, 2),
+    (64, 128, 64, 4, 3, 2, 2),
+    (64, 128, 64, 4, 4, 2, 1),
+    (128, 128, 64, 4, 3, 2, 2),
+]
+CPU_PERSISTENT_CONFIGS = [(16, 32, 32, 1, 1, 2, 1)]
 
 
 def config_name(config: tuple[int, ...]) -> str:
-    block_m, block_n, block_k, warps, stages = config
-    return f"{block_m}x{block_n}x{block_k} w{warps} s{stages}"
+    block_m, block_n, block_k, warps, stages, *persistent = config
+    name = f"{block_m}x{block_n}x{block_k} w{warps} s{stages}"
+    if persistent:
+        name += " split{} ctas{}".format(*persistent)
+    return name
 
 
 def make_case(case, dtype: torch.dtype):
@@ -98,32 +132,35 @@ def make_case(case, dtype: torch.dtype):
         out = torch.empty(3, batch, heads, seq, head_dim, dtype=dtype, device=device)
         reference = torch.stack(qkv_projection_reference(x, w, b, heads))
 
-        def launch(config: triton.Config, tma: bool) -> None:
-            qkv_projection_triton(x, w, b, heads, out=out, tma=tma, config=config)
+        def launch(config: triton.Config, path: str) -> None:
+            qkv_projection_triton(x, w, b, heads, out=out, tma=path == "tma", config=config)
     else:
         out = torch.empty(m, n, dtype=dtype, device=device)
         reference = linear_reference(x2d, w, b, epilogue)
 
-        def launch(config: triton.Config, tma: bool) -> None:
-            linear_triton(x2d, w, b, epilogue, out=out, tma=tma, config=config)
+        def launch(config: triton.Config, path: str) -> None:
+            persistent = path == "persistent"
+            linear_triton(x2d, w, b, epilogue, out=out, tma=path != "load", persistent=persistent, config=config)
 
     configs: dict[tuple[int, ...], triton.Config] = {}
 
-    def run(config: tuple[int, ...], tma: bool, poison: bool = False):
+    def run(config: tuple[int, ...], path: str, poison: bool = False):
         if poison:  # so an element the config leaves unwritten fails the check
             out.fill_(float("nan"))
         if config not in configs:  # one Config object per tuple, so the launchers' plans are found again
-            block_m, block_n, block_k, warps, stages = config
-            configs[config] = triton.Config(
-                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                num_warps=warps,
-                num_stages=stages,
-                pre_hook=set_descriptor_blocks,
-            )
-        launch(configs[config], tma)
+            block_m, block_n, block_k, warps, stages, *persistent = config
+            sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+            if persistent:
+                sizes |= dict(zip(("EPILOGUE_SPLIT", "CTAS_PER_SM"), persistent, strict=True))
+            configs[config] = triton.Config(sizes, num_warps=warps, num_stages=stages, pre_hook=set_descriptor_blocks)
+        launch(configs[config], path)
         return out
 
-    return m, n, k, reference, (lambda: F.linear(x2d, w, b)), run
+    paths = {"load": None, "tma": None}
+    if not isinstance(epilogue, tuple):
+        persistent = PERSISTENT_CONFIGS if m > SMALL_M else PERSISTENT_SMALL_M_CONFIGS
+        paths["persistent"] = persistent if ON_GPU else CPU_PERSISTENT_CONFIGS
+    return m, n, k, reference, (lambda: F.linear(x2d, w, b)), run, paths
 
 
 def time_ms(fn, m: int) -> float:
@@ -134,9 +171,10 @@ def time_ms(fn, m: int) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def sweep_case(case, dtype: torch.dtype) -> list[dict[str, object]]:
+def sweep_case(case, dtype: torch.dtype, only_paths: list[str] | None = None) -> list[dict[str, object]]:
     name = case[0]
-    m, n, k, reference, cublas, run = make_case(case, dtype)
+    m, n, k, reference, cublas, run, paths = make_case(case, dtype)
+    paths = {path: configs for path, configs in paths.items() if not only_paths or path in only_paths}
     flop = 2 * m * n * k
     tflops = (lambda ms: flop / ms * 1e-9) if ON_GPU else (lambda ms: None)
     cublas_ms = time_ms(cublas, m) if ON_GPU else None
@@ -144,14 +182,13 @@ def sweep_case(case, dtype: torch.dtype) -> list[dict[str, object]]:
         {"case": name, "M": m, "N": n, "K": k, "path": "cublas", "config": "F.linear", "ms": cublas_ms}
         | {"tflops": tflops(cublas_ms) if ON_GPU else None, "vs_cublas": 1.0 if ON_GPU else None, "err": 0.0}
     ]
-    configs = CPU_CONFIGS if not ON_GPU else SMALL_M_CONFIGS if m <= SMALL_M else LARGE_M_CONFIGS
-    for tma in (False, True):
-        path = "tma" if tma else "load"
-        for config in configs:
+    tiled = CPU_CONFIGS if not ON_GPU else SMALL_M_CONFIGS if m <= SMALL_M else LARGE_M_CONFIGS
+    for path, configs in paths.items():
+        for config in configs or tiled:
             try:
-                out = run(config, tma, poison=True)
+                out = run(config, path, poison=True)
                 err = relative_error(out, reference)
-                ms = time_ms(lambda config=config, tma=tma: run(config, tma), m) if ON_GPU else None
+                ms = time_ms(lambda config=config, path=path: run(config, path), m) if ON_GPU else None
             except Exception as error:  # a config that cannot compile or launch is skipped, not fatal
                 first_line = (str(error).strip().splitlines() or [""])[0][:160]
                 print(f"  {name} {path} {config_name(config)}: skipped, {type(error).__name__}: {first_line}")
@@ -175,7 +212,7 @@ def print_case(rows: list[dict[str, object]]) -> None:
         )
         flag = "  BAD" if row["err"] > 1e-2 else ""
         print(
-            f"{row['case']:<20} {row['M']:>6} {row['N']:>5} {row['K']:>5} {row['path']:<6} {row['config']:<18} "
+            f"{row['case']:<20} {row['M']:>6} {row['N']:>5} {row['K']:>5} {row['path']:<10} {row['config']:<28} "
             f"{timing} {row['err']:>8.1e}{flag}"
         )
 
@@ -183,17 +220,20 @@ def print_case(rows: list[dict[str, object]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the rows and the versions here")
-    parser.add_argument("--case", action="append", help="run only the cases whose name contains this (repeatable)")
+    parser.add_argument("--case", action="append", help="only the cases whose name this regex matches (repeatable)")
+    parser.add_argument(
+        "--path", action="append", choices=("load", "tma", "persistent"), help="sweep only this kernel (repeatable)"
+    )
     args = parser.parse_args()
     dtype = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter has no bf16 dot
     cases = GPU_CASES if ON_GPU else CPU_CASES
     if args.case:
-        cases = [case for case in cases if any(part in case[0] for part in args.case)]
+        cases = [case for case in cases if any(re.search(pattern, case[0]) for pattern in args.case)]
     if not ON_GPU:
         print("CPU smoke run through the Triton interpreter: correctness only, no timings.")
     print(f"device: {gpu_name()}  triton {triton.__version__}  torch {torch.__version__}  dtype {dtype}")
     header = (
-        f"{'case':<20} {'M':>6} {'N':>5} {'K':>5} {'path':<6} {'config':<18} {'ms':>8} {'TF/s':>7} "
+        f"{'case':<20} {'M':>6} {'N':>5} {'K':>5} {'path':<10} {'config':<28} {'ms':>8} {'TF/s':>7} "
         f"{'vs cuBLAS':>7} {'err':>8}"
     )
     print(header)
@@ -201,7 +241,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for case in cases:
-        case_rows = sweep_case(case, dtype)
+        case_rows = sweep_case(case, dtype, args.path)
         print_case(case_rows)
         rows += case_rows
     print(f"swept {len(cases)} cases in {time.perf_counter() - start:.0f} s")

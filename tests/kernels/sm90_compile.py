@@ -22,9 +22,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vitriton.kernels import attention, layernorm, linear, qkv  # noqa: E402
+from vitriton.kernels import _matmul, attention, layernorm, linear, qkv  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
+SM90_SHARED = 228 * 1024  # bytes of shared memory an SM has
 TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
 DESCRIPTORS = {"x": "tensordesc<bf16[128, 64]>", "w": "tensordesc<bf16[128, 64]>", "bias_ptr": "*bf16"}
 GEMM_SCALARS = dict.fromkeys(("M", "N", "K", "M_BUCKET"), "i32")
@@ -37,6 +38,7 @@ class Case(NamedTuple):
     constants: dict[str, Any]  # constexprs
     options: dict[str, int]  # num_warps, num_stages
     instruction: str | None = None  # the PTX must hold it
+    max_shared: int | None = None  # bytes of shared memory the kernel may take at most
 
 
 def jit_function(kernel: Any) -> triton.runtime.jit.JITFunction:
@@ -45,10 +47,11 @@ def jit_function(kernel: Any) -> triton.runtime.jit.JITFunction:
     return kernel
 
 
-def compile_ptx(case: Case) -> str:
+def compile_sm90(case: Case) -> Any:
+    """The CompiledKernel (its ``asm["ptx"]`` and ``metadata.shared``)."""
     signature = {**case.types, **dict.fromkeys(case.constants, "constexpr")}
     source = ASTSource(fn=jit_function(case.kernel), signature=signature, constexprs=case.constants)
-    return triton.compile(source, target=SM90, options=case.options).asm["ptx"]
+    return triton.compile(source, target=SM90, options=case.options)
 
 
 def strides(*names: str) -> dict[str, str]:
@@ -58,14 +61,15 @@ def strides(*names: str) -> dict[str, str]:
 def linear_cases() -> Iterator[Case]:
     """The persistent kernel in every epilogue form; the one-tile-a-program kernel in each form of quick_gelu."""
     forms = [(activation, tanh) for activation in ("quick_gelu", "gelu_pytorch_tanh") for tanh in linear.TANH_FORMS]
-    for activation, tanh in [*forms, ("gelu", "f32"), ("none", "f32")]:
-        expected = "tanh.approx" if tanh != "sigmoid" and activation in ("quick_gelu", "gelu_pytorch_tanh") else None
+    for activation, tanh in [*forms, ("gelu", "f32"), ("gelu", "bf16x2"), ("none", "f32")]:
+        tanh_shaped = activation in ("quick_gelu", "gelu_pytorch_tanh") or (activation, tanh) == ("gelu", "bf16x2")
+        expected = "tanh.approx" if tanh != "sigmoid" and tanh_shaped else None
         flags = dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True)
         yield Case(
             f"linear persistent {activation} {tanh}",
             linear._linear_persistent_kernel,
             {**DESCRIPTORS, "out": "tensordesc<bf16[128, 64]>", **GEMM_SCALARS},
-            dict(**flags, PROGRAMS=132, **TILE, EPILOGUE_SPLIT=2),
+            dict(**flags, PROGRAMS=132, **TILE, EPILOGUE_SPLIT=2, CTAS_PER_SM=1),
             dict(num_warps=8, num_stages=4),
             expected,
         )
@@ -77,6 +81,33 @@ def linear_cases() -> Iterator[Case]:
                 dict(**flags, IEEE_DOT=False, USE_TMA=True, **TILE, EVEN_K=True),
                 dict(num_warps=8, num_stages=4),
                 expected,
+            )
+
+
+def linear_resident_cases() -> Iterator[Case]:
+    """Every persistent config of ``linear``'s pool that launches several programs an SM, in each tanh-shaped
+    activation: the programs must fit the SM's shared memory together (228 KiB on sm90, 1 KiB of it reserved per
+    CTA), or they run one after another and the overlap the config is chosen for is gone."""
+    for config in _matmul.persistent_configs():
+        size = config.kwargs
+        if size["CTAS_PER_SM"] == 1:
+            continue
+        store = size["BLOCK_N"] // size["EPILOGUE_SPLIT"]
+        for activation in ("quick_gelu", "gelu_pytorch_tanh", "gelu"):
+            yield Case(
+                f"linear persistent {_matmul.config_name(config)} {activation}",
+                linear._linear_persistent_kernel,
+                {
+                    "x": f"tensordesc<bf16[{size['BLOCK_M']}, {size['BLOCK_K']}]>",
+                    "w": f"tensordesc<bf16[{size['BLOCK_N']}, {size['BLOCK_K']}]>",
+                    "bias_ptr": "*bf16",
+                    "out": f"tensordesc<bf16[{size['BLOCK_M']}, {store}]>",
+                    **GEMM_SCALARS,
+                },
+                dict(ACTIVATION=activation, TANH="bf16x2", HAS_BIAS=True, PROGRAMS=264, **size),
+                dict(num_warps=config.num_warps, num_stages=config.num_stages),
+                "tanh.approx",
+                SM90_SHARED // size["CTAS_PER_SM"] - 1024,
             )
 
 
@@ -92,7 +123,7 @@ def linear_ws_cases() -> Iterator[Case]:
                 **GEMM_SCALARS,
                 **strides("xm", "wn"),
             },
-            dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True, PROGRAMS=132, **TILE),
+            dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True, PROGRAMS=132, **TILE, CTAS_PER_SM=1),
             dict(num_warps=4, num_stages=4),
             "setmaxnreg",
         )
@@ -161,6 +192,7 @@ def layer_norm_cases() -> Iterator[Case]:
 
 def cases() -> Iterator[Case]:
     yield from linear_cases()
+    yield from linear_resident_cases()
     yield from linear_ws_cases()
     yield from qkv_cases()
     yield from attention_cases()
@@ -170,14 +202,18 @@ def cases() -> Iterator[Case]:
 def main() -> int:
     for case in cases():
         try:
-            ptx = compile_ptx(case)
+            compiled = compile_sm90(case)
         except Exception as error:  # noqa: BLE001 - reported with the case's name
             print(f"FAIL {case.name}: {type(error).__name__}: {error}")
             return 1
-        if case.instruction is not None and case.instruction not in ptx:
+        if case.instruction is not None and case.instruction not in compiled.asm["ptx"]:
             print(f"FAIL {case.name}: the PTX holds no {case.instruction}")
             return 1
-        print(f"ok   {case.name}")
+        shared = compiled.metadata.shared
+        if case.max_shared is not None and shared > case.max_shared:
+            print(f"FAIL {case.name}: takes {shared} bytes of shared memory, more than its {case.max_shared}")
+            return 1
+        print(f"ok   {case.name} ({shared} bytes of shared memory)")
     return 0
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import DEVICE, DTYPES, TOLERANCES, assert_lowp_bound, poisoned
+from vitriton.kernels import _launch
 from vitriton.kernels import linear as linear_module
 from vitriton.kernels._matmul import TMA_MIN_ROWS, matmul_operands
 from vitriton.kernels.linear import ACTIVATIONS, PLANS, linear, linear_reference, linear_triton
@@ -350,20 +351,42 @@ def test_linear_gpu_3d_public(lead, activation, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("activation", ["quick_gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu_pytorch_tanh", "gelu"])
 @pytest.mark.parametrize(
     "dtype, tanh",
     [(torch.float16, "f32"), (torch.bfloat16, "f32"), (torch.bfloat16, "bf16x2"), (torch.float16, "sigmoid")],
 )
 @pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
 def test_linear_gpu_tanh_forms(activation, dtype, tanh, persistent, monkeypatch):
-    """Each way of evaluating the sigmoid-shaped activations (``FAST_TANH``) within the low-precision bound, on
-    pre-activations (standard deviation 8) that reach both saturated tails, on both GPU kernels."""
+    """Each way of evaluating the sigmoid-shaped activations (``FAST_TANH``; the exact gelu in its tanh form under
+    "bf16x2") within the low-precision bound, on pre-activations (standard deviation 8) that reach both saturated
+    tails, on both GPU kernels."""
     needs_hopper()
     monkeypatch.setitem(linear_module.FAST_TANH, dtype, tanh)  # part of the plan's key
     x, w, b = make_inputs((3000,), 72, 1000, dtype, bias=True, weight_std=8.0, seed=1, device="cuda")
     out = linear_triton(x, w, b, activation, out=poisoned((3000, 1000), dtype, device="cuda"), persistent=persistent)
     assert_matches_reference(out, x, w, b, activation)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [577, 5001])
+def test_linear_gpu_persistent_at_every_m(rows):
+    """On Hopper a 16-bit call takes the persistent TMA kernel at batch 1 as at large M, and its plan hands the C
+    launch encoded descriptors (``_launch.Plan.expand``) wherever triton's launcher can be called directly."""
+    needs_hopper()
+    x, w, b = make_inputs((rows,), 1024, 4096, torch.bfloat16, bias=True, device="cuda")
+    out = poisoned((rows, 4096), torch.bfloat16, device="cuda")
+    PLANS.clear()
+    for _ in range(3):  # planned, then twice from the plan (the second time with every descriptor encoded)
+        out.fill_(float("nan"))
+        linear_triton(x, w, b, "quick_gelu", out=out)
+        assert_matches_reference(out, x, w, b, "quick_gelu")
+    (entry,) = PLANS.plans.values()
+    plan = entry[0]
+    assert plan.jit is _launch._layers(linear_module._linear_persistent_kernel)[-1]
+    if plan.launcher is not None:
+        assert plan.descriptors is not None
+        assert len(plan.encoded) == 3  # x, the weight and the output, each at one address
 
 
 # (M, K, N, activation, dtype): three L/14-336 samples plus 5 rows, so400m's N = 4304 (not a multiple of 128), its

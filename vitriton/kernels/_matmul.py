@@ -31,16 +31,17 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting
-from vitriton.kernels._launch import check_out
+from vitriton.kernels._launch import check_out, sm_count
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton before 3.4: the plain-load path only
     TensorDescriptor = None
 
-# Fewer rows than this take the plain-load main loop even where TMA could run. triton 3.6 encodes a host
-# descriptor's tensor map in Python on every launch; at batch 1 (M = 197..729) that cost 9-20 us of host time
-# per GEMM call on an H100 host against 0.5-3 us of GPU time saved, and batch-1 calls are host-bound.
+# Fewer rows than this take the plain-load main loop of the one-tile-a-program kernels (qkv_projection, and
+# linear where it does not run persistent) even where TMA could run. Measured on an H100 when triton still encoded
+# every descriptor per launch: qkv at M = 729 took 21.3 us of GPU time on plain loads against 24.2 with TMA, and
+# the encode cost 9-20 us of host time a call. (Plans now encode once per address: ``_launch.Plan.expand``.)
 TMA_MIN_ROWS = 2049
 
 # M at or below this runs the small-tile configs: at batch 1 (M = 50..729) 128-row tiles leave most of the
@@ -67,12 +68,16 @@ def _config(
     group_m: int = 8,
     epilogue_split: int | None = None,
     host_descriptors: bool = True,
+    ctas_per_sm: int | None = None,
 ) -> triton.Config:
     """A tile config; ``host_descriptors`` False for a kernel that builds its TMA descriptors itself (their block
-    shapes are its constexprs), which then needs no pre-hook."""
+    shapes are its constexprs), which then needs no pre-hook. ``epilogue_split`` and ``ctas_per_sm`` are the
+    persistent kernels' (column slices of the TMA store; programs launched per SM)."""
     sizes = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
     if epilogue_split is not None:
         sizes["EPILOGUE_SPLIT"] = epilogue_split
+    if ctas_per_sm is not None:
+        sizes["CTAS_PER_SM"] = ctas_per_sm
     pre_hook = set_descriptor_blocks if host_descriptors else None
     return triton.Config(sizes, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
@@ -109,27 +114,43 @@ _TMA_SMALL_M = [
     _config(128, 128, 64, num_warps=8, num_stages=4),
     _config(64, 64, 64, num_warps=4, num_stages=4),
 ]
-# The persistent TMA kernel (``linear``'s large-M epilogue path): one program per SM walks the tiles, and the
-# flattened tile x K loop lets the pipeliner issue the next tile's loads while this tile's epilogue runs. Its
-# TMA store goes out in EPILOGUE_SPLIT column slices, so the staging buffer is a slice, not the whole tile:
-# 128x256 at 3 stages is 144 KiB of operands plus 32 KiB of staging.
+# The persistent TMA kernel (``linear``'s large-M epilogue path): CTAS_PER_SM programs per SM walk the tiles,
+# and the flattened tile x K loop lets the pipeliner issue the next tile's loads while this tile's epilogue
+# runs. Its TMA store goes out in EPILOGUE_SPLIT column slices, so the staging buffer is a slice, not the whole
+# tile: 128x256 at 3 stages is 144 KiB of operands plus 32 KiB of staging. One warpgroup's 128x128 tiles at 3
+# stages take 112 KiB as compiled for sm90, so two programs fit an SM, and one's epilogue (bias, activation,
+# store) runs while the other's wgmma keep the tensor cores busy: the two-CTA form of CUTLASS's ping-pong
+# schedule. One H200, fc1 with its activation against cuBLAS F.linear + bias (benchmarks/sweep_matmul.py,
+# results/h200/session20/sweeps/sweep_persistent.log): 128x256 one a SM wins at L/14-336 b128 (0.90x against
+# 0.86x), ties at so400m b128 (0.83x), and the two-program 128x128 wins at L/14-336 b8 (0.89x against 0.83x),
+# so400m b8 (0.92 / 0.89), B/16 b128 (0.94 / 0.87), H/14 b128 (0.76 / 0.71) and bigG b128 (0.83 / 0.76), the last
+# two with the erf gelu. 128x128 at 8 warps or 4 stages, one a SM, never won and is left out.
 _PERSISTENT = [
-    _config(128, 256, 64, num_warps=8, num_stages=3, epilogue_split=2),
-    _config(256, 128, 64, num_warps=8, num_stages=3, epilogue_split=2),
-    _config(128, 128, 64, num_warps=8, num_stages=4, epilogue_split=2),
-    _config(128, 128, 64, num_warps=4, num_stages=4, epilogue_split=1),
+    _config(128, 256, 64, num_warps=8, num_stages=3, epilogue_split=2, ctas_per_sm=1),
+    _config(256, 128, 64, num_warps=8, num_stages=3, epilogue_split=2, ctas_per_sm=1),
+    _config(128, 128, 64, num_warps=4, num_stages=3, epilogue_split=2, ctas_per_sm=2),
 ]
-_PERSISTENT_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, epilogue_split=2)]
+# M <= SMALL_M (batch 1 to 8): 64-row tiles for more of them (104 KiB at 4 stages, two an SM), and the two-program
+# 128x128. One H200 (results/h200/session20/sweeps/sweep_small_m.log), GPU time against cuBLAS: L/14-336 fc1 at M = 577
+# 0.49x with plain loads (64x128 tiles, the former path) -> 0.63x; B/16 fc1 at batch 8 0.58x -> 0.72x; so400m fc1
+# at M = 729 0.58x -> 0.81x (128x128).
+_PERSISTENT_SMALL_M = [
+    _config(64, 128, 64, num_warps=4, num_stages=4, epilogue_split=2, ctas_per_sm=2),
+    _config(128, 128, 64, num_warps=4, num_stages=3, epilogue_split=2, ctas_per_sm=2),
+]
+_PERSISTENT_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, epilogue_split=2, ctas_per_sm=1)]
 # The warp-specialised persistent kernel (``linear``'s ``_linear_ws_kernel``): triton 3.6 specialises only at
 # num_warps=4, into a producer warp and two consumer warpgroups of BLOCK_M x BLOCK_N tiles, with the whole tile
 # as the TMA store's staging buffer. Shared memory as compiled for sm90: 128x128 128 and 160 KiB at 3 and 4
 # stages, 128x256 208 KiB at 3; 128x256 at 4 stages (256 KiB) is past the H100's 227 KiB and left out.
 _WARP_SPECIALIZED = [
-    _config(128, 128, 64, num_warps=4, num_stages=3, host_descriptors=False),
-    _config(128, 128, 64, num_warps=4, num_stages=4, host_descriptors=False),
-    _config(128, 256, 64, num_warps=4, num_stages=3, host_descriptors=False),
+    _config(128, 128, 64, num_warps=4, num_stages=3, host_descriptors=False, ctas_per_sm=1),
+    _config(128, 128, 64, num_warps=4, num_stages=4, host_descriptors=False, ctas_per_sm=1),
+    _config(128, 256, 64, num_warps=4, num_stages=3, host_descriptors=False, ctas_per_sm=1),
 ]
-_WARP_SPECIALIZED_INTERPRETER = [_config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, host_descriptors=False)]
+_WARP_SPECIALIZED_INTERPRETER = [
+    _config(16, 32, 32, num_warps=1, num_stages=1, group_m=2, host_descriptors=False, ctas_per_sm=1)
+]
 
 # fp32 operands take exact (ieee) dots on the FMA units; this path exists for parity, not speed, so one config
 # each (96 and 48 KiB) and no tuning.
@@ -150,8 +171,19 @@ def matmul_configs() -> list[triton.Config]:
 
 
 def persistent_configs() -> list[triton.Config]:
-    """The persistent TMA kernel's candidates (all of them tuned per shape: it runs at large M only)."""
-    return list(_PERSISTENT_INTERPRETER if interpreting() else _PERSISTENT)
+    """The persistent TMA kernel's candidates; :func:`prune_persistent_configs` keeps those of a call's M range."""
+    if interpreting():
+        return list(_PERSISTENT_INTERPRETER)
+    return list(dict.fromkeys(_PERSISTENT + _PERSISTENT_SMALL_M))
+
+
+def prune_persistent_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """The persistent candidates for this call's M: ``_PERSISTENT_SMALL_M`` up to SMALL_M rows, else
+    ``_PERSISTENT`` (the interpreter's one config stays as is)."""
+    pool = _PERSISTENT_SMALL_M if {**named_args, **kwargs}["M"] <= SMALL_M else _PERSISTENT
+    return [config for config in configs if config in pool] or configs[:1]
 
 
 def warp_specialized_configs() -> list[triton.Config]:
@@ -287,13 +319,18 @@ def plan_operand(operand: Any) -> Any:
     return descriptor_over(None, operand)
 
 
-def last_config(kernel: triton.runtime.Autotuner) -> str:
-    """The config an autotuned GEMM kernel ran last, as "256x128x64 w8 s3", for benchmark tables."""
-    config = getattr(kernel, "best_config", None)
-    if config is None:
-        return "-"
+def config_name(config: triton.Config) -> str:
+    """A tile config as "256x128x64 w8 s3", with " 2/SM" where a persistent kernel runs two programs an SM."""
     size = config.kwargs
-    return f"{size['BLOCK_M']}x{size['BLOCK_N']}x{size['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    name = f"{size['BLOCK_M']}x{size['BLOCK_N']}x{size['BLOCK_K']} w{config.num_warps} s{config.num_stages}"
+    ctas = size.get("CTAS_PER_SM", 1)
+    return name if ctas == 1 else f"{name} {ctas}/SM"
+
+
+def last_config(kernel: triton.runtime.Autotuner) -> str:
+    """The config an autotuned GEMM kernel ran last (``config_name``), for benchmark tables."""
+    config = getattr(kernel, "best_config", None)
+    return "-" if config is None else config_name(config)
 
 
 def m_bucket(m: int) -> int:
@@ -308,6 +345,19 @@ def matmul_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     return grid
+
+
+def persistent_programs(args: dict[str, Any]) -> int:
+    """A persistent kernel's ``PROGRAMS`` (its grid): ``CTAS_PER_SM`` programs on every SM (3 in the interpreter,
+    so that the CPU tests' programs walk several tiles each), never more than the output has tiles."""
+    x = args["x"] if "x" in args else args["x_ptr"]
+    device = getattr(x, "base", x).device  # x is a host TMA descriptor or a tensor
+    per_device = sm_count(device) * args["CTAS_PER_SM"] if device.type == "cuda" else 3
+    return min(per_device, triton.cdiv(args["M"], args["BLOCK_M"]) * triton.cdiv(args["N"], args["BLOCK_N"]))
+
+
+def persistent_grid(meta: dict[str, Any]) -> tuple[int]:
+    return (meta["PROGRAMS"],)
 
 
 def even_k(args: dict[str, Any]) -> bool:

@@ -8,14 +8,16 @@ The activations are transformers' (ACT2FN): quick_gelu ``x * sigmoid(1.702 x)``;
 gelu_pytorch_tanh the tanh approximation ``0.5 x (1 + tanh(u))``. Both are ``x (1 + tanh(.)) / 2``, which for
 16-bit outputs on CUDA takes the GPU's tanh instruction (``FAST_TANH``) and otherwise the sigmoid form.
 
-Three kernels: one program per tile (``_linear_kernel``, plain or TMA loads); above ``SMALL_M`` rows on Hopper a
-persistent TMA kernel (``_linear_persistent_kernel``) whose epilogue runs in series with its main loop; and its
-warp-specialised variant (``_linear_ws_kernel``, ``warp_specialize=True``), where a producer warp feeds two
-consumer warpgroups so one tile's epilogue overlaps the next tile's main loop. The last is not yet a default.
+Three kernels: one program per tile (``_linear_kernel``, plain or TMA loads), which runs where TMA cannot (fp32,
+misaligned operands, GPUs before Hopper); on Hopper, for 16-bit operands at any M, a persistent TMA kernel
+(``_linear_persistent_kernel``) of one or two programs an SM, where two programs on an SM overlap one's epilogue
+with the other's main loop; and its warp-specialised variant (``_linear_ws_kernel``, ``warp_specialize=True``),
+where a producer warp feeds two consumer warpgroups. The last is not a default: it measured no faster.
 
 Launch cost: the first call of a signature (shapes, strides, dtypes, alignment, weight, activation) validates
 the operands, autotunes and records a launch plan (``_launch.py``) holding the config, the grid, the compiled
-kernel and the weight's TMA descriptor; later calls look the plan up and launch.
+kernel and the TMA descriptor templates; later calls look the plan up and launch, and the plan encodes each
+descriptor once per address (``_launch.Plan.expand``), so the weight's is encoded once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting, use_triton
-from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view, sm_count
+from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
 from vitriton.kernels._matmul import (
     SMALL_M,
     accumulate_tile_tma,
@@ -41,11 +43,15 @@ from vitriton.kernels._matmul import (
     matmul_operands,
     output_descriptor,
     persistent_configs,
+    persistent_grid,
+    persistent_programs,
     plan_operand,
     prune_matmul_configs,
+    prune_persistent_configs,
     require_tma,
     tile_coordinates,
     tma_device,
+    tma_supported,
     warp_specialized_configs,
 )
 
@@ -67,6 +73,13 @@ def check_activation(activation: str | None) -> None:
 # error of the bf16 output against the fp32 activation 2.5e-3 (f32) and 3.0e-3 (bf16x2), where rounding to bf16
 # alone gives 2.4e-3.
 TANH_FORMS = ("f32", "bf16x2", "sigmoid")
+# GELU_AS_TANH: where TANH is "bf16x2", the exact (erf) gelu is evaluated as gelu_pytorch_tanh. The two differ by
+# at most 4.7e-4 (at x = -2.70), under the error of the bf16x2 tanh itself, while libdevice's erf is a polynomial
+# evaluated per element in the epilogue. One H200: fc1 of H/14 and bigG (hidden_act "gelu") at b128 ran at 0.76x
+# and 0.83x of cuBLAS with the erf at their best config (results/h200/session20/sweeps/sweep_persistent.log), and
+# at 0.84x and 0.95x in the tanh form (fc1_b8_b128/gemm_fc1.log, autotuned; bench_gemm's timing, L2 flushed per
+# call). The relative error of the bf16 output against the fp32 erf gelu was 3.1e-3 there. fp16 outputs (whose
+# steps are 8x finer) and fp32 keep the erf.
 FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2"}
 
 
@@ -96,10 +109,11 @@ def activate(x, ACTIVATION: tl.constexpr, TANH: tl.constexpr = "sigmoid"):
     """``ACTIVATION`` of fp32 ``x``; "none" passes x through."""
     if ACTIVATION == "quick_gelu":
         y = x * half_plus_half_tanh(0.851 * x, TANH)  # sigmoid(1.702 x)
+    elif ACTIVATION == "gelu_pytorch_tanh" or (ACTIVATION == "gelu" and TANH == "bf16x2"):
+        # For bf16 outputs on CUDA the exact gelu takes the tanh form too (GELU_AS_TANH).
+        y = x * half_plus_half_tanh(0.7978845608028654 * (x + 0.044715 * x * x * x), TANH)  # sqrt(2 / pi)
     elif ACTIVATION == "gelu":
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
-    elif ACTIVATION == "gelu_pytorch_tanh":
-        y = x * half_plus_half_tanh(0.7978845608028654 * (x + 0.044715 * x * x * x), TANH)  # sqrt(2 / pi)
     else:
         y = x
     return y
@@ -219,7 +233,9 @@ def _persistent_tile(
 @triton.autotune(
     configs=persistent_configs(),
     key=["M_BUCKET", "N", "K", "ACTIVATION", "TANH"],
+    prune_configs_by={"early_config_prune": prune_persistent_configs},
 )
+@triton.heuristics({"PROGRAMS": persistent_programs})
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_persistent_kernel(
     x,  # (M, K) TMA descriptor
@@ -233,12 +249,13 @@ def _linear_persistent_kernel(
     ACTIVATION: tl.constexpr,
     TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    PROGRAMS: tl.constexpr,  # the grid: one program per SM
+    PROGRAMS: tl.constexpr,  # the grid (persistent_programs)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr,  # programs resident per SM, read by persistent_programs
 ):
     """The TMA path at large M as a persistent kernel (the persistent-matmul tutorial's schedule,
     https://triton-lang.org/main/getting-started/tutorials/09-persistent-matmul.html): ``flatten`` turns the
@@ -256,6 +273,7 @@ def _linear_persistent_kernel(
     configs=warp_specialized_configs(),
     key=["M_BUCKET", "N", "K", "ACTIVATION", "TANH"],
 )
+@triton.heuristics({"PROGRAMS": persistent_programs})
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_ws_kernel(
     x_ptr,  # (M, K), rows stride_xm apart, unit column stride, 16-byte aligned
@@ -271,11 +289,12 @@ def _linear_ws_kernel(
     ACTIVATION: tl.constexpr,
     TANH: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    PROGRAMS: tl.constexpr,  # the grid: one program per SM
+    PROGRAMS: tl.constexpr,  # the grid (persistent_programs)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr,  # programs resident per SM, read by persistent_programs
 ):
     """The persistent kernel's schedule, warp-specialised (triton 3.6 on Hopper): at num_warps=4 the compiler
     splits the tile loop into a producer warp issuing the TMA loads and two consumer warpgroups taking turns
@@ -293,6 +312,11 @@ def _linear_ws_kernel(
         )
 
 
+# From this many rows, calls that may take TMA run the persistent kernel. Every M: at batch 1 and 8 it took fc1's
+# GPU time from 0.49-0.58x of cuBLAS (plain loads, one tile a program) to 0.63-0.81x (``_matmul._PERSISTENT_SMALL_M``),
+# and plans encode the TMA descriptors once per address, so the host cost of a call that once kept small M on
+# plain loads (``_matmul.TMA_MIN_ROWS``, 9-20 us on an H100 host) is not paid per call.
+PERSISTENT_MIN_ROWS = 1
 _PERSISTENT_ARGS = ("x", "w", "bias_ptr", "out", "M", "N", "K", "M_BUCKET")
 _WS_ARGS = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn")
 _RUNTIME_ARGS = (
@@ -317,8 +341,9 @@ def linear_triton(
     """Launches the fused kernel; ``out``, when given, is a (..., N) buffer the result is written into.
 
     ``tma`` picks the main loop: None decides per signature, True and False force it (see ``matmul_operands``).
-    ``persistent`` picks the persistent TMA kernel: None takes it on the TMA path above ``SMALL_M`` rows, True
-    wherever the TMA path runs, False never. ``warp_specialize`` picks its warp-specialised variant
+    ``persistent`` picks the persistent TMA kernel: None takes it (and the TMA path) from ``PERSISTENT_MIN_ROWS``
+    rows wherever the operands and the device allow TMA with 16-byte aligned output rows, True wherever the TMA
+    path runs, False never. ``warp_specialize`` picks its warp-specialised variant
     (``_linear_ws_kernel``): True wherever TMA can run (any M; it builds no host descriptor), None and False
     never, until it is measured against the persistent kernel on the GPU. ``config`` pins a tile config
     instead of autotuning (benchmark sweeps).
@@ -360,26 +385,26 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, warp_sp
     flags = dict(ACTIVATION=activation or "none", TANH=tanh_mode(x), HAS_BIAS=bias is not None)
     # The TMA store needs 16-byte aligned output rows as well as TMA operands.
     aligned_rows = (n * x.element_size()) % 16 == 0
-    programs = min(sm_count(x.device) if x.is_cuda else 3, triton.cdiv(m, 16) * triton.cdiv(n, 32))
     if warp_specialize:
         check_warp_specialize(x2d, weight, tma, persistent, aligned_rows)
         static = (m, n, k, m_bucket(m), x2d.stride(0), weight.stride(0))
         operands = (x2d, weight, bias, out, *static)
-        plan = first_launch(
-            _linear_ws_kernel, (programs,), _WS_ARGS, operands, dict(**flags, PROGRAMS=programs), config
-        )
+        plan = first_launch(_linear_ws_kernel, persistent_grid, _WS_ARGS, operands, flags, config)
         PLANS.add(key, (plan, None, None, None, shape, static))
         return out
+    persistent_rows = persistent is None and m >= PERSISTENT_MIN_ROWS
+    if tma is None and persistent_rows and aligned_rows and x.is_cuda and tma_device(x.device):
+        tma = None if not tma_supported(x2d, weight) else True
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    if use_tma and (persistent or (persistent is None and m > SMALL_M)) and aligned_rows:
+    if use_tma and (persistent or persistent_rows) and aligned_rows:
         out_operand = output_descriptor(out, m, n)
         static = (m, n, k, m_bucket(m))
         plan = first_launch(
             _linear_persistent_kernel,
-            (programs,),
+            persistent_grid,
             _PERSISTENT_ARGS,
             (x_operand, w_operand, bias, out_operand, *static),
-            dict(**flags, PROGRAMS=programs),
+            flags,
             config,
         )
     else:
