@@ -39,6 +39,7 @@ class Case(NamedTuple):
     options: dict[str, int]  # num_warps, num_stages
     instruction: str | None = None  # the PTX must hold it
     max_shared: int | None = None  # bytes of shared memory the kernel may take at most
+    target: GPUTarget = GPUTarget("cuda", 90, 32)
 
 
 def jit_function(kernel: Any) -> triton.runtime.jit.JITFunction:
@@ -51,7 +52,7 @@ def compile_sm90(case: Case) -> Any:
     """The CompiledKernel (its ``asm["ptx"]`` and ``metadata.shared``)."""
     signature = {**case.types, **dict.fromkeys(case.constants, "constexpr")}
     source = ASTSource(fn=jit_function(case.kernel), signature=signature, constexprs=case.constants)
-    return triton.compile(source, target=SM90, options=case.options)
+    return triton.compile(source, target=case.target, options=case.options)
 
 
 def strides(*names: str) -> dict[str, str]:
@@ -82,6 +83,23 @@ def linear_cases() -> Iterator[Case]:
                 dict(num_warps=8, num_stages=4),
                 expected,
             )
+
+
+def linear_sm80_cases() -> Iterator[Case]:
+    """bf16 on an A100 (sm_80): the plain-load kernel in the tanh form ``tanh_mode`` picks there, which must not be
+    sm_90's ``tanh.approx.bf16x2`` (ptxas rejects it below sm_90)."""
+    tanh = linear.tanh_form(torch.bfloat16, 80)
+    for activation in ("quick_gelu", "gelu"):
+        yield Case(
+            f"linear tiled {activation} {tanh} sm80",
+            linear._linear_kernel,
+            {"x": "*bf16", "w": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", **GEMM_SCALARS}
+            | strides("xm", "xk", "wn", "wk", "om", "on"),
+            dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True, IEEE_DOT=False, USE_TMA=False, **TILE, EVEN_K=True),
+            dict(num_warps=8, num_stages=3),
+            "tanh.approx.f32" if activation == "quick_gelu" else None,
+            target=GPUTarget("cuda", 80, 32),
+        )
 
 
 def linear_resident_cases() -> Iterator[Case]:
@@ -193,6 +211,7 @@ def layer_norm_cases() -> Iterator[Case]:
 def cases() -> Iterator[Case]:
     yield from linear_cases()
     yield from linear_resident_cases()
+    yield from linear_sm80_cases()
     yield from linear_ws_cases()
     yield from qkv_cases()
     yield from attention_cases()

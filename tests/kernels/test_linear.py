@@ -117,6 +117,7 @@ def test_linear_strided_operands(dtype):
 # leave a K tail past the 32-wide interpreter tile, which the descriptor zero-fills.
 TMA_CPU_CASES = [
     ((1,), 64, 72, None),
+    ((5,), 64, 32, "quick_gelu"),  # one tile: the persistent grid is cut to it (fewer programs than the stride)
     ((7,), 104, 100, "quick_gelu"),
     ((2, 25), 72, 100, "gelu_pytorch_tanh"),
     ((50,), 40, 130, "gelu"),
@@ -465,3 +466,25 @@ def test_linear_gpu_cuda_graph():
     graph.replay()
     torch.testing.assert_close(captured, linear(x, w, b, "quick_gelu"), rtol=0, atol=0)
     assert not torch.equal(captured, expected)
+
+
+def test_tanh_form_follows_the_gpu():
+    """Each form only where the GPU has its instruction: bf16x2 from sm_90, the f32 tanh from sm_75."""
+    assert linear_module.tanh_form(torch.bfloat16, 90) == "bf16x2"
+    assert linear_module.tanh_form(torch.bfloat16, 80) == "f32"
+    assert linear_module.tanh_form(torch.float16, 90) == "f32"
+    assert linear_module.tanh_form(torch.float16, 70) == "sigmoid"
+    assert linear_module.tanh_form(torch.float32, 90) == "sigmoid"
+
+
+def test_persistent_programs_do_not_follow_m():
+    """The persistent kernel's PROGRAMS constexpr depends on the device and config alone (a value per M would
+    compile the kernel again per batch size); the grid is cut to the tile count where that is smaller."""
+    from vitriton.kernels._matmul import persistent_grid, persistent_programs
+
+    x = torch.empty(1, 8)
+    sizes = {"BLOCK_M": 16, "BLOCK_N": 32, "CTAS_PER_SM": 2}
+    programs = {persistent_programs({"x": x, "M": m, "N": 64, **sizes}) for m in (1, 17, 5000)}
+    assert programs == {3}  # the interpreter's stride
+    assert persistent_grid({"M": 17, "N": 64, "PROGRAMS": 3, **sizes}) == (3,)
+    assert persistent_grid({"M": 16, "N": 32, "PROGRAMS": 3, **sizes}) == (1,)

@@ -198,7 +198,9 @@ def descriptor_slots(launch: Any) -> tuple[Callable, tuple[tuple[int, Any], ...]
     cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in closure), strict=True))
     raw, indices, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
     encode = getattr(sys.modules.get(launch.__module__), "make_tensordesc_arg", None)
-    if not callable(raw) or not indices or metas is None or len(metas) != len(indices) or encode is None:
+    if not callable(raw) or not indices or metas is None or len(metas) != len(indices):
+        return None
+    if getattr(getattr(encode, "__code__", None), "co_argcount", None) != 2:  # (descriptor, metadata) as in 3.4-3.6
         return None
     if any(meta is None for meta in metas):  # descriptors passed as pointers, shapes and strides: keep triton's
         return None

@@ -23,6 +23,7 @@ Both paths leave the epilogue to the op, which masks its stores.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -348,16 +349,36 @@ def matmul_grid(m: int, n: int) -> Callable[[dict[str, Any]], tuple[int]]:
 
 
 def persistent_programs(args: dict[str, Any]) -> int:
-    """A persistent kernel's ``PROGRAMS`` (its grid): ``CTAS_PER_SM`` programs on every SM (3 in the interpreter,
-    so that the CPU tests' programs walk several tiles each), never more than the output has tiles."""
+    """A persistent kernel's ``PROGRAMS``, the stride of its tile loop: ``CTAS_PER_SM`` programs on every SM (3 in
+    the interpreter, so that the CPU tests' programs walk several tiles each). It depends on the device and the
+    config only: a constexpr that followed M would compile the kernel again for every batch size."""
     x = args["x"] if "x" in args else args["x_ptr"]
     device = getattr(x, "base", x).device  # x is a host TMA descriptor or a tensor
-    per_device = sm_count(device) * args["CTAS_PER_SM"] if device.type == "cuda" else 3
-    return min(per_device, triton.cdiv(args["M"], args["BLOCK_M"]) * triton.cdiv(args["N"], args["BLOCK_N"]))
+    return sm_count(device) * args["CTAS_PER_SM"] if device.type == "cuda" else 3
 
 
 def persistent_grid(meta: dict[str, Any]) -> tuple[int]:
-    return (meta["PROGRAMS"],)
+    """``PROGRAMS`` programs, or one per tile where the output has fewer tiles (each then runs its own)."""
+    tiles = triton.cdiv(meta["M"], meta["BLOCK_M"]) * triton.cdiv(meta["N"], meta["BLOCK_N"])
+    return (min(meta["PROGRAMS"], tiles),)
+
+
+# Shared memory a block may opt into that the persistent pools need: each pool has a config of at most 113 KiB (the
+# two-program 128x128 at 114,712 bytes as compiled for sm90). Hopper and datacenter Blackwell give 227 KiB;
+# consumer Blackwell (sm_120, about 99 KiB) would fail every config, and keeps the one-tile-a-program kernel.
+PERSISTENT_SHARED_BYTES = 115712
+
+
+def persistent_fits(device: torch.device) -> bool:
+    """Whether a CUDA device's shared memory per block holds the persistent kernel's configs."""
+    return _shared_per_block(torch.cuda.current_device() if device.index is None else device.index) >= (
+        PERSISTENT_SHARED_BYTES
+    )
+
+
+@functools.cache
+def _shared_per_block(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
 def even_k(args: dict[str, Any]) -> bool:

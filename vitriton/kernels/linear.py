@@ -43,6 +43,7 @@ from vitriton.kernels._matmul import (
     matmul_operands,
     output_descriptor,
     persistent_configs,
+    persistent_fits,
     persistent_grid,
     persistent_programs,
     plan_operand,
@@ -84,8 +85,22 @@ FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2"}
 
 
 def tanh_mode(x: torch.Tensor) -> str:
-    """The ``TANH`` constexpr for a call whose output has x's dtype (``FAST_TANH``)."""
-    return FAST_TANH.get(x.dtype, "sigmoid") if x.is_cuda and not interpreting() else "sigmoid"
+    """The ``TANH`` constexpr for a call whose output has x's dtype, on x's device (``tanh_form``)."""
+    if not x.is_cuda or interpreting():
+        return "sigmoid"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return tanh_form(x.dtype, 10 * major + minor)
+
+
+def tanh_form(dtype: torch.dtype, arch: int) -> str:
+    """``FAST_TANH``'s form for ``dtype`` where the GPU (compute capability ``arch``, 90 for sm_90) has its
+    instruction: ``tanh.approx.bf16x2`` needs sm_90, ``tanh.approx.f32`` sm_75; older GPUs take the next form."""
+    form = FAST_TANH.get(dtype, "sigmoid")
+    if form == "bf16x2" and arch < 90:
+        form = "f32"
+    if form == "f32" and arch < 75:
+        form = "sigmoid"
+    return form
 
 
 @triton.jit
@@ -392,11 +407,11 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, warp_sp
         plan = first_launch(_linear_ws_kernel, persistent_grid, _WS_ARGS, operands, flags, config)
         PLANS.add(key, (plan, None, None, None, shape, static))
         return out
-    persistent_rows = persistent is None and m >= PERSISTENT_MIN_ROWS
-    if tma is None and persistent_rows and aligned_rows and x.is_cuda and tma_device(x.device):
-        tma = None if not tma_supported(x2d, weight) else True
+    wants_persistent = persistent or (persistent is None and m >= PERSISTENT_MIN_ROWS)
+    if tma is None and wants_persistent and aligned_rows and x.is_cuda and tma_device(x.device):
+        tma = True if tma_supported(x2d, weight) and persistent_fits(x.device) else None
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
-    if use_tma and (persistent or persistent_rows) and aligned_rows:
+    if use_tma and wants_persistent and aligned_rows:
         out_operand = output_descriptor(out, m, n)
         static = (m, n, k, m_bucket(m))
         plan = first_launch(
