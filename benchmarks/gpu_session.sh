@@ -13,10 +13,12 @@
 # transformers compiled with reduce-overhead.
 # epilogue: the linear kernels' GPU tests on the persistent path, and fc1 (the activation epilogue) of every encoder
 # at batch 8 and 128 against cuBLAS;
+# linear_all: every linear and launch-plan test on the GPU (the unmarked ones take the GPU there too), then the
+# persistent kernel's config sweep at every fc1 shape;
 # b128: batch-128 throughput of the three reference vision towers against transformers sdpa and both
 # torch.compile modes.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue or b128}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all or b128}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -86,6 +88,14 @@ epilogue)
     tail -2 "$out/gpu_tests_linear.log" "$out/tests_launch.log"
     tail -14 "$out/bench_launch.log"
     grep -E "fc1|cublas  |vitriton  " "$out/gemm_fc1.log" | head -80
+    ;;
+linear_all)
+    run tests_linear_all 400 python3 -m pytest tests/kernels/test_linear.py tests/kernels/test_launch.py -q \
+        -p no:cacheprovider
+    run sweep_persistent 200 python3 benchmarks/sweep_matmul.py --path persistent --case fc1 \
+        --json "$out/sweep_persistent.json"
+    tail -2 "$out/tests_linear_all.log"
+    grep -E "fc1" "$out/sweep_persistent.log" | tail -80
     ;;
 b128)
     run b128 560 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \

@@ -88,6 +88,7 @@ CPU_CONFIGS = [(16, 32, 32, 1, 1)]
 # cores busy.
 PERSISTENT_CONFIGS = [
     (128, 256, 64, 8, 3, 2, 1),
+    (128, 256, 64, 8, 4, 2, 1),  # 224 KiB as compiled for sm90: one more stage than the pool's 128x256
     (256, 128, 64, 8, 3, 2, 1),
     (128, 128, 64, 8, 4, 2, 1),
     (128, 128, 64, 4, 3, 2, 1),
