@@ -488,3 +488,22 @@ def test_persistent_programs_do_not_follow_m():
     assert programs == {3}  # the interpreter's stride
     assert persistent_grid({"M": 17, "N": 64, "PROGRAMS": 3, **sizes}) == (3,)
     assert persistent_grid({"M": 16, "N": 32, "PROGRAMS": 3, **sizes}) == (1,)
+
+
+def test_tma_device_needs_hopper_shared_memory(monkeypatch):
+    """TMA (and so the persistent kernel) only on compute capability 9+ with Hopper's shared memory a block: consumer
+    Blackwell's 99 KiB would fail every persistent config."""
+    from vitriton.kernels import _matmul
+
+    class Properties:
+        def __init__(self, major, shared):
+            self.major, self.shared_memory_per_block_optin = major, shared
+
+    cases = [(Properties(9, 232448), True), (Properties(12, 101376), False), (Properties(8, 232448), False)]
+    try:
+        for properties, expected in cases:
+            _matmul._cuda_tma_device.cache_clear()
+            monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=properties: p)
+            assert _matmul._cuda_tma_device(0) is expected
+    finally:
+        _matmul._cuda_tma_device.cache_clear()

@@ -228,11 +228,26 @@ def tma_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+# The TMA kernels' default configs take up to 192 KiB of shared memory a block (two 112 KiB programs an SM for the
+# two-program ones), sized for Hopper's 227 KiB a block, which datacenter Blackwell keeps. Consumer Blackwell
+# (sm_120) gives about 99 KiB, where every persistent config would fail to launch: it takes the plain-load kernels,
+# whose pools have configs that fit.
+TMA_SHARED_BYTES = 192 * 1024
+
+
 def tma_device(device: torch.device) -> bool:
-    """Hopper or newer; the interpreter also runs descriptor loads, so it counts too."""
+    """Hopper or newer with Hopper's shared memory a block (``TMA_SHARED_BYTES``); the interpreter also runs
+    descriptor loads, so it counts too."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return _cuda_tma_device(index)
     return interpreting()
+
+
+@functools.cache
+def _cuda_tma_device(device_index: int) -> bool:
+    properties = torch.cuda.get_device_properties(device_index)
+    return properties.major >= 9 and properties.shared_memory_per_block_optin >= TMA_SHARED_BYTES
 
 
 def require_tma(x: torch.Tensor, weight: torch.Tensor, asked: str) -> None:
@@ -361,24 +376,6 @@ def persistent_grid(meta: dict[str, Any]) -> tuple[int]:
     """``PROGRAMS`` programs, or one per tile where the output has fewer tiles (each then runs its own)."""
     tiles = triton.cdiv(meta["M"], meta["BLOCK_M"]) * triton.cdiv(meta["N"], meta["BLOCK_N"])
     return (min(meta["PROGRAMS"], tiles),)
-
-
-# Shared memory a block may opt into that the persistent pools need: each pool has a config of at most 113 KiB (the
-# two-program 128x128 at 114,712 bytes as compiled for sm90). Hopper and datacenter Blackwell give 227 KiB;
-# consumer Blackwell (sm_120, about 99 KiB) would fail every config, and keeps the one-tile-a-program kernel.
-PERSISTENT_SHARED_BYTES = 115712
-
-
-def persistent_fits(device: torch.device) -> bool:
-    """Whether a CUDA device's shared memory per block holds the persistent kernel's configs."""
-    return _shared_per_block(torch.cuda.current_device() if device.index is None else device.index) >= (
-        PERSISTENT_SHARED_BYTES
-    )
-
-
-@functools.cache
-def _shared_per_block(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
 def even_k(args: dict[str, Any]) -> bool:

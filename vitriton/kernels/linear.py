@@ -43,7 +43,6 @@ from vitriton.kernels._matmul import (
     matmul_operands,
     output_descriptor,
     persistent_configs,
-    persistent_fits,
     persistent_grid,
     persistent_programs,
     plan_operand,
@@ -409,7 +408,7 @@ def _plan_linear(key, x, weight, bias, activation, out, tma, persistent, warp_sp
         return out
     wants_persistent = persistent or (persistent is None and m >= PERSISTENT_MIN_ROWS)
     if tma is None and wants_persistent and aligned_rows and x.is_cuda and tma_device(x.device):
-        tma = True if tma_supported(x2d, weight) and persistent_fits(x.device) else None
+        tma = True if tma_supported(x2d, weight) else None
     x_operand, w_operand, use_tma = matmul_operands(x2d, weight, tma)
     if use_tma and wants_persistent and aligned_rows:
         out_operand = output_descriptor(out, m, n)
