@@ -1,6 +1,7 @@
 """``parallel="auto"`` over gloo with two spawned ranks: data parallelism when the full weights fit the budget,
 tensor parallelism when ``VITRITON_WEIGHT_BUDGET_GIB`` is too small (on any one rank), the choice visible on the
-model, and outputs equal to the single-process model's, down to a batch smaller than the world size.
+model, and outputs equal to the single-process model's, down to a batch smaller than the world size; a rank that
+fails while choosing raises, and so does the other, instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             result["three_heads"] = None
         except ValueError as error:
             result["three_heads"] = str(error)
+        try:  # a malformed budget on rank 1 alone: rank 1 raises its own error, rank 0 one naming rank 1 (no hang)
+            _load(path, "lots" if rank == 1 else None)
+            result["bad_budget_on_rank1"] = None
+        except (ValueError, RuntimeError) as error:
+            result["bad_budget_on_rank1"] = f"{type(error).__name__}: {error}"
         os.environ.pop("VITRITON_WEIGHT_BUDGET_GIB", None)
         hf = CLIPVisionModel.from_pretrained(path).eval()
         vitriton.patch(hf, parallel="auto")
@@ -83,6 +89,11 @@ def test_auto_picks_data_when_weights_fit_else_tensor(tmp_path):
         assert result["patched_wrapped"], f"rank {rank}: patch(parallel='auto') did not pick data parallelism"
         error = result["three_heads"]
         assert error and "does not divide" in error and "parallel='auto' chose tensor parallelism" in error, error
+        error = result["bad_budget_on_rank1"]
+        if rank == 1:
+            assert error and error.startswith("ValueError") and "VITRITON_WEIGHT_BUDGET_GIB='lots'" in error, error
+        else:
+            assert error and error.startswith("RuntimeError") and "rank(s) [1] of the process group" in error, error
         for case, mode in expected.items():
             got = result[case]
             assert got["mode"] == mode, f"rank {rank} {case}: parallel_mode {got['mode']!r}, expected {mode!r}"

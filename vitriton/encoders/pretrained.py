@@ -8,6 +8,7 @@ checkpoint), so one rule serves every layout; a projection or the other tower si
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -156,16 +157,34 @@ def weight_budget(device: torch.device, group: ProcessGroup | None) -> float:
     return AUTO_WEIGHT_FRACTION * host / max(sharing, 1)
 
 
-def choose_parallel(weight_bytes: int, device: torch.device, group: ProcessGroup | None) -> str:
-    """``parallel="auto"``: "data" when ``weight_bytes`` (the full weights) fit :func:`weight_budget` on every
-    rank of ``group`` (one all-reduce, so all ranks choose alike), else "tensor"."""
-    fits = weight_bytes <= weight_budget(device, group)
+def choose_parallel(weight_bytes: Callable[[], int], device: torch.device, group: ProcessGroup | None) -> str:
+    """``parallel="auto"``: "data" when the full weights (``weight_bytes()``, counted on this rank) fit
+    :func:`weight_budget` on every rank of ``group``, else "tensor".
+
+    One all-gather carries every rank's answer, so all ranks choose alike, or its failure (a checkpoint this rank
+    cannot read, a malformed ``VITRITON_WEIGHT_BUDGET_GIB``): then the failing rank raises its own error and every
+    other rank raises one that names it, where they would otherwise wait for it in their next collective."""
+    failure = None
+    try:
+        answer = 1 if weight_bytes() <= weight_budget(device, group) else 0
+    except Exception as error:  # noqa: BLE001 - raised below, once the other ranks know
+        failure, answer = error, -1
+    answers = [answer]
     if get_world_size(group) > 1:
         on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        flag = torch.tensor([int(fits)], device=on)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        fits = bool(flag.item())
-    return "data" if fits else "tensor"
+        mine = torch.tensor([answer], device=on)
+        gathered = [torch.empty_like(mine) for _ in range(get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        answers = [int(flag.item()) for flag in gathered]
+    if failure is not None:
+        raise failure
+    failed = [rank for rank, value in enumerate(answers) if value < 0]
+    if failed:
+        raise RuntimeError(
+            f"parallel='auto': rank(s) {failed} of the process group failed while sizing the weights (their own "
+            f"error says why); this rank stops with them instead of waiting"
+        )
+    return "data" if min(answers) == 1 else "tensor"
 
 
 def tensor_bytes(weights: Weights, prefixes: Sequence[str], dtype: torch.dtype) -> int:
@@ -272,7 +291,8 @@ class PretrainedMixin:
         device = torch.device(device)
         auto = parallel == "auto"
         if auto:
-            parallel = cls.auto_parallel(make_weights(dtype, None, device), prefix, dtype, device, process_group)
+            whole = functools.partial(make_weights, dtype, None, device)
+            parallel = cls.auto_parallel(whole, prefix, dtype, device, process_group)
         try:
             return cls.assemble(
                 config, make_weights, dtype, device, process_group, parallel, prefix, feature_layers, num_layers,
@@ -340,18 +360,29 @@ class PretrainedMixin:
 
     @classmethod
     def auto_parallel(
-        cls, weights: Weights, prefix: str | None, dtype: torch.dtype, device: torch.device, group: ProcessGroup | None
+        cls,
+        make_weights: Callable[[], Weights],
+        prefix: str | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        group: ProcessGroup | None,
     ) -> str:
         """``parallel="auto"``: data parallelism when this class's towers, whole in ``dtype``, fit every rank's
-        :func:`weight_budget`, else tensor parallelism (projections and logit scales are left out: they are small)."""
+        :func:`weight_budget`, else tensor parallelism (projections and logit scales are left out: they are small).
+        ``make_weights`` opens the full checkpoint; a failure there reaches every rank (:func:`choose_parallel`)."""
         if get_world_size(group) == 1:
             return "tensor"  # one rank: nothing to split either way
-        if cls.tower is None:
-            root = parent(find_tower(weights, "vision", None if prefix is None else join(prefix, "vision_model")))
-            towers = [join(root, "vision_model"), join(root, "text_model")]
-        else:
-            towers = [find_tower(weights, cls.tower, prefix)]
-        return choose_parallel(tensor_bytes(weights, towers, dtype), device, group)
+
+        def weight_bytes() -> int:
+            weights = make_weights()
+            if cls.tower is None:
+                root = parent(find_tower(weights, "vision", None if prefix is None else join(prefix, "vision_model")))
+                towers = [join(root, "vision_model"), join(root, "text_model")]
+            else:
+                towers = [find_tower(weights, cls.tower, prefix)]
+            return tensor_bytes(weights, towers, dtype)
+
+        return choose_parallel(weight_bytes, device, group)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> nn.Module:
