@@ -493,7 +493,7 @@ def test_persistent_programs_do_not_follow_m():
 def test_tma_device_needs_hopper_shared_memory(monkeypatch):
     """TMA (and so the persistent kernel) only on compute capability 9+ with Hopper's shared memory a block: consumer
     Blackwell's 99 KiB would fail every persistent config."""
-    from vitriton.kernels import _matmul
+    from vitriton.kernels._matmul import tma_device
 
     class Properties:
         def __init__(self, major, shared):
@@ -502,8 +502,8 @@ def test_tma_device_needs_hopper_shared_memory(monkeypatch):
     cases = [(Properties(9, 232448), True), (Properties(12, 101376), False), (Properties(8, 232448), False)]
     try:
         for properties, expected in cases:
-            _matmul._cuda_tma_device.cache_clear()
+            _launch._cuda_properties.cache_clear()
             monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=properties: p)
-            assert _matmul._cuda_tma_device(0) is expected
+            assert tma_device(torch.device("cuda", 0)) is expected
     finally:
-        _matmul._cuda_tma_device.cache_clear()
+        _launch._cuda_properties.cache_clear()

@@ -326,11 +326,15 @@ def first_launch(
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere): the size of a persistent grid."""
-    if device.type != "cuda":
-        return 1
-    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    return cuda_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def cuda_properties(device: torch.device) -> Any:
+    """``torch.cuda.get_device_properties`` of a CUDA device (the current one for a bare "cuda"), read once per
+    device: the kernels' launch decisions (SM count, compute capability, shared memory) ask for it per plan."""
+    return _cuda_properties(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.cache
-def _cuda_sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _cuda_properties(device_index: int) -> Any:
+    return torch.cuda.get_device_properties(device_index)

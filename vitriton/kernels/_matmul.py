@@ -23,7 +23,6 @@ Both paths leave the epilogue to the op, which masks its stores.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting
-from vitriton.kernels._launch import check_out, sm_count
+from vitriton.kernels._launch import check_out, cuda_properties, sm_count
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -239,15 +238,9 @@ def tma_device(device: torch.device) -> bool:
     """Hopper or newer with Hopper's shared memory a block (``TMA_SHARED_BYTES``); the interpreter also runs
     descriptor loads, so it counts too."""
     if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        return _cuda_tma_device(index)
+        properties = cuda_properties(device)
+        return properties.major >= 9 and properties.shared_memory_per_block_optin >= TMA_SHARED_BYTES
     return interpreting()
-
-
-@functools.cache
-def _cuda_tma_device(device_index: int) -> bool:
-    properties = torch.cuda.get_device_properties(device_index)
-    return properties.major >= 9 and properties.shared_memory_per_block_optin >= TMA_SHARED_BYTES
 
 
 def require_tma(x: torch.Tensor, weight: torch.Tensor, asked: str) -> None:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vitriton.kernels._dispatch import interpreting, use_triton
-from vitriton.kernels._launch import PlanCache, check_out, first_launch, rows_view
+from vitriton.kernels._launch import PlanCache, check_out, cuda_properties, first_launch, rows_view
 from vitriton.kernels._matmul import (
     SMALL_M,
     accumulate_tile_tma,
@@ -87,8 +87,8 @@ def tanh_mode(x: torch.Tensor) -> str:
     """The ``TANH`` constexpr for a call whose output has x's dtype, on x's device (``tanh_form``)."""
     if not x.is_cuda or interpreting():
         return "sigmoid"
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return tanh_form(x.dtype, 10 * major + minor)
+    properties = cuda_properties(x.device)
+    return tanh_form(x.dtype, 10 * properties.major + properties.minor)
 
 
 def tanh_form(dtype: torch.dtype, arch: int) -> str:
