@@ -16,7 +16,8 @@ Each model's qkv, out_proj, fc1 and fc2 GEMMs, M = batch * tokens, against these
                      warp and two consumer warpgroups; 16-bit on Hopper only) (out_proj, fc1, fc2)
   vitriton-sigmoid   ``vitriton`` with the activation's sigmoid from ex2 and a reciprocal (``FAST_TANH`` "sigmoid",
                      the form before the tanh instruction) (fc1)
-  vitriton-bf16x2    ``vitriton`` with the tanh on bf16 pairs (``FAST_TANH`` "bf16x2"; bf16 runs only) (fc1)
+  vitriton-bf16x2    ``vitriton`` with the tanh alone on bf16 pairs (``FAST_TANH`` "bf16x2", the bf16 form before
+                     "bf16x2_math"; bf16 runs only) (fc1)
   cublas-packed-qkv  ``F.linear`` viewed as (B, S, 3, H, D): the head split as views, no extra pass (qkv)
 ratio = cublas ms / candidate ms (above 1: faster than cuBLAS); TFLOP/s counts 2 * M * N * K. On CUDA every
 call is timed with the L2 cache flushed before it (``common.flushed_ms``). Each candidate's first output is
@@ -47,20 +48,19 @@ from rich.table import Table  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 from benchmarks import render  # noqa: E402
-from benchmarks.common import flushed_ms, gpu_name, relative_error, run_benchmark, write_rows  # noqa: E402
+from benchmarks.common import fast_tanh, flushed_ms, gpu_name, relative_error, run_benchmark, write_rows  # noqa: E402
 from benchmarks.models import PRESETS, tokens_per_sample  # noqa: E402
 from benchmarks.report import RESULTS, device_slug  # noqa: E402
 from vitriton.kernels._launch import _layers  # noqa: E402
 from vitriton.kernels._matmul import config_name, last_config, tma_device  # noqa: E402
+from vitriton.kernels.linear import PLANS as LINEAR_PLANS  # noqa: E402
 from vitriton.kernels.linear import (  # noqa: E402
-    FAST_TANH,
     _linear_kernel,
     _linear_persistent_kernel,
     _linear_ws_kernel,
     linear_reference,
     linear_triton,
 )
-from vitriton.kernels.linear import PLANS as LINEAR_PLANS  # noqa: E402
 from vitriton.kernels.qkv import _qkv_kernel, qkv_projection_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -171,15 +171,8 @@ def with_tanh(form: str, dtype: torch.dtype, call: Callable[[], torch.Tensor]) -
     """``call`` with the activations' tanh evaluated as ``form`` (``linear.FAST_TANH``; part of the plan key)."""
 
     def run() -> torch.Tensor:
-        saved = FAST_TANH.get(dtype)
-        FAST_TANH[dtype] = form
-        try:
+        with fast_tanh(dtype, form):
             return call()
-        finally:
-            if saved is None:
-                del FAST_TANH[dtype]
-            else:
-                FAST_TANH[dtype] = saved
 
     return run
 
@@ -205,10 +198,13 @@ def kernel_config(gemm: Gemm) -> str:
     return "-"
 
 
-def measure(gemm: Gemm, dtype: torch.dtype) -> list[dict[str, Any]]:
-    """Every candidate at ``gemm``: checked once against cuBLAS, then timed if it passed."""
+def measure(gemm: Gemm, dtype: torch.dtype, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every candidate at ``gemm`` (or those of ``only``, and cuBLAS): checked once against cuBLAS, then timed if
+    it passed."""
     x, w, b = operands(gemm, dtype)
     found = candidates(gemm, x, w, b)
+    if only:
+        found = {name: candidate for name, candidate in found.items() if name == "cublas" or name in only}
     cublas_out = found["cublas"].call()
     rows, cublas_ms = [], None
     for name, candidate in found.items():
@@ -281,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dtypes", nargs="+", choices=list(DTYPES), help="(default: bf16 on a GPU, fp32 fp16 on the CPU)"
     )
     parser.add_argument("--layers", nargs="+", choices=list(CANDIDATES), help="(default: every layer)")
+    every_candidate = sorted({name for names in CANDIDATES.values() for name in names})
+    parser.add_argument(
+        "--candidates", nargs="+", choices=every_candidate, help="only these besides cublas (default: all)"
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device>)")
     args = parser.parse_args(argv)
     models = args.models or (GPU_MODELS if ON_GPU else CPU_MODELS)
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for dtype in dtypes:
             for gemm in gemms(models, batch_sizes, args.layers):
                 status.update(f"{gemm.name} {dtype}")
-                rows += measure(gemm, DTYPES[dtype])
+                rows += measure(gemm, DTYPES[dtype], args.candidates)
     console.print(table(rows, f"{device} · {' '.join(dtypes)}" + (" · L2 flushed" if ON_GPU else "")))
     out = args.out or RESULTS / (device_slug(device) if ON_GPU else "cpu")
     write_rows(out / "gemm.json", "gemm", rows)

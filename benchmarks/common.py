@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pkgutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -45,6 +46,24 @@ def flushed_ms(fn: Callable[[], object], *, reps: int = 3) -> float:
 
         return triton.testing.do_bench(fn, return_mode="median")
     return median_ms(fn, warmup=1, reps=reps)
+
+
+@contextlib.contextmanager
+def fast_tanh(dtype: torch.dtype, form: str | None) -> Iterator[None]:
+    """Inside, ``linear`` evaluates the activations' tanh for ``dtype`` outputs as ``form`` (``linear.FAST_TANH``,
+    part of the plan key); None leaves the default."""
+    from vitriton.kernels.linear import FAST_TANH
+
+    saved = FAST_TANH.get(dtype)
+    if form is not None:
+        FAST_TANH[dtype] = form
+    try:
+        yield
+    finally:
+        if saved is None:
+            FAST_TANH.pop(dtype, None)
+        else:
+            FAST_TANH[dtype] = saved
 
 
 def gpu_name() -> str:

@@ -15,10 +15,12 @@
 # at batch 8 and 128 against cuBLAS;
 # linear_all: every linear and launch-plan test on the GPU (the unmarked ones take the GPU there too), then the
 # persistent kernel's config sweep at every fc1 shape;
+# forms: the linear kernels' GPU tests, full-size bf16 parity of every reference model, and fc1 and qkv of every
+# encoder at batch 1, 8 and 128 against cuBLAS, cuBLASLt's GELU epilogue and the former bf16 activation form;
 # b128: batch-128 throughput of the three reference vision towers against transformers sdpa and both
 # torch.compile modes.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all or b128}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms or b128}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -96,6 +98,14 @@ linear_all)
         --json "$out/sweep_persistent.json"
     tail -2 "$out/tests_linear_all.log"
     grep -E "fc1" "$out/sweep_persistent.log" | tail -80
+    ;;
+forms)
+    run gpu_tests_linear 270 python3 -m pytest tests/kernels/test_linear.py -m gpu -q -p no:cacheprovider
+    run gpu_parity 90 python3 -m pytest tests/encoders/test_gpu_parity.py -k bf16 -q -p no:cacheprovider -rA
+    run gemm 220 python3 -m benchmarks.bench_gemm --batch-sizes 1 8 128 --layers qkv fc1 \
+        --candidates cublas-packed-qkv cublaslt-gelu vitriton vitriton-bf16x2 --out "$out"
+    tail -2 "$out/gpu_tests_linear.log" "$out/gpu_parity.log"
+    grep -E "b1 |b8 |b128 |cublas|vitriton" "$out/gemm.log" | cut -c1-140 | head -120
     ;;
 b128)
     run b128 560 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \

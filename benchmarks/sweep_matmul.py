@@ -2,18 +2,22 @@
 ``linear``), against cuBLAS ``F.linear``.
 
     python3 benchmarks/sweep_matmul.py [--json PATH] [--case REGEX ...] [--path load|tma|persistent ...]
+        [--tanh FORM ...] [--config REGEX ...]
 
 The jitted kernels are called directly with explicit meta-parameters, bypassing the autotuner, so every
 config is timed (``triton.testing.do_bench``, median; CUDA-graph replays at M <= 2048) and checked against
 the eager reference (``err`` is ||ours - ref|| / ||ref||, on an output poisoned with NaN first). A config
 that fails to compile or launch is reported in one line and skipped. Columns: ms, TFLOP/s (2 * M * N * K),
 vs cuBLAS = cuBLAS ms / ours ms; each case's rows run slowest first, so its best config is printed last.
-Without CUDA it is a smoke run at tiny shapes through the Triton interpreter (one config, correctness only).
+``--tanh`` sweeps the forms of the activation epilogue (``linear.FAST_TANH``) on the persistent kernel;
+``--config`` keeps the configs whose name (as printed) a regex matches. Without CUDA it is a smoke run at tiny
+shapes through the Triton interpreter (one config, correctness only).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -31,12 +35,12 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from benchmarks.common import gpu_name, relative_error, versions  # noqa: E402
+from benchmarks.common import fast_tanh, gpu_name, relative_error, versions  # noqa: E402
 from vitriton.kernels._matmul import (  # noqa: E402
     SMALL_M,
     set_descriptor_blocks,
 )
-from vitriton.kernels.linear import linear_reference, linear_triton  # noqa: E402
+from vitriton.kernels.linear import TANH_FORMS, linear_reference, linear_triton  # noqa: E402
 from vitriton.kernels.qkv import qkv_projection_reference, qkv_projection_triton  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -51,6 +55,7 @@ GPU_CASES = [
     ("H/14 fc1 b128", 128 * 257, 1280, 5120, "gelu"),
     ("bigG fc1 b128", 128 * 257, 1664, 8192, "gelu"),
     ("L/14-336 fc2 b128", 128 * 577, 4096, 1024, None),
+    ("L/14-336 fc1 b128 bias only", 128 * 577, 1024, 4096, None),  # the epilogue without its activation
     ("so400m fc1 b128", 128 * 729, 1152, 4304, "gelu_pytorch_tanh"),
     ("L/14-336 qkv b128", (128, 577), 1024, 3 * 16 * 64, (16, 64)),
     ("so400m qkv b128", (128, 729), 1152, 3 * 16 * 72, (16, 72)),
@@ -172,7 +177,13 @@ def time_ms(fn, m: int) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def sweep_case(case, dtype: torch.dtype, only_paths: list[str] | None = None) -> list[dict[str, object]]:
+def sweep_case(
+    case,
+    dtype: torch.dtype,
+    only_paths: list[str] | None = None,
+    tanh_forms: list[str] | None = None,
+    only_configs: list[str] | None = None,
+) -> list[dict[str, object]]:
     name = case[0]
     m, n, k, reference, cublas, run, paths = make_case(case, dtype)
     paths = {path: configs for path, configs in paths.items() if not only_paths or path in only_paths}
@@ -184,17 +195,23 @@ def sweep_case(case, dtype: torch.dtype, only_paths: list[str] | None = None) ->
         | {"tflops": tflops(cublas_ms) if ON_GPU else None, "vs_cublas": 1.0 if ON_GPU else None, "err": 0.0}
     ]
     tiled = CPU_CONFIGS if not ON_GPU else SMALL_M_CONFIGS if m <= SMALL_M else LARGE_M_CONFIGS
+    activated = case[4] is not None and not isinstance(case[4], tuple)
     for path, configs in paths.items():
-        for config in configs or tiled:
+        forms = tanh_forms if tanh_forms and path == "persistent" and activated else [None]
+        for form, config in itertools.product(forms, configs or tiled):
+            if only_configs and not any(re.search(pattern, config_name(config)) for pattern in only_configs):
+                continue
+            label = config_name(config) + (f" {form}" if form else "")
             try:
-                out = run(config, path, poison=True)
-                err = relative_error(out, reference)
-                ms = time_ms(lambda config=config, path=path: run(config, path), m) if ON_GPU else None
+                with fast_tanh(dtype, form):
+                    out = run(config, path, poison=True)
+                    err = relative_error(out, reference)
+                    ms = time_ms(lambda config=config, path=path: run(config, path), m) if ON_GPU else None
             except Exception as error:  # a config that cannot compile or launch is skipped, not fatal
                 first_line = (str(error).strip().splitlines() or [""])[0][:160]
-                print(f"  {name} {path} {config_name(config)}: skipped, {type(error).__name__}: {first_line}")
+                print(f"  {name} {path} {label}: skipped, {type(error).__name__}: {first_line}")
                 continue
-            row = {"case": name, "M": m, "N": n, "K": k, "path": path, "config": config_name(config), "ms": ms}
+            row = {"case": name, "M": m, "N": n, "K": k, "path": path, "config": label, "ms": ms}
             row |= {"tflops": tflops(ms) if ON_GPU else None, "err": err}
             row["vs_cublas"] = cublas_ms / ms if ON_GPU else None
             rows.append(row)
@@ -213,7 +230,7 @@ def print_case(rows: list[dict[str, object]]) -> None:
         )
         flag = "  BAD" if row["err"] > 1e-2 else ""
         print(
-            f"{row['case']:<20} {row['M']:>6} {row['N']:>5} {row['K']:>5} {row['path']:<10} {row['config']:<28} "
+            f"{row['case']:<20} {row['M']:>6} {row['N']:>5} {row['K']:>5} {row['path']:<10} {row['config']:<40} "
             f"{timing} {row['err']:>8.1e}{flag}"
         )
 
@@ -225,6 +242,10 @@ def main() -> None:
     parser.add_argument(
         "--path", action="append", choices=("load", "tma", "persistent"), help="sweep only this kernel (repeatable)"
     )
+    parser.add_argument(
+        "--tanh", action="append", choices=TANH_FORMS, help="sweep the persistent kernel in this activation form"
+    )
+    parser.add_argument("--config", action="append", help="only the configs whose name this regex matches")
     args = parser.parse_args()
     dtype = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter has no bf16 dot
     cases = GPU_CASES if ON_GPU else CPU_CASES
@@ -234,7 +255,7 @@ def main() -> None:
         print("CPU smoke run through the Triton interpreter: correctness only, no timings.")
     print(f"device: {gpu_name()}  triton {triton.__version__}  torch {torch.__version__}  dtype {dtype}")
     header = (
-        f"{'case':<20} {'M':>6} {'N':>5} {'K':>5} {'path':<10} {'config':<28} {'ms':>8} {'TF/s':>7} "
+        f"{'case':<20} {'M':>6} {'N':>5} {'K':>5} {'path':<10} {'config':<40} {'ms':>8} {'TF/s':>7} "
         f"{'vs cuBLAS':>7} {'err':>8}"
     )
     print(header)
@@ -242,7 +263,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for case in cases:
-        case_rows = sweep_case(case, dtype, args.path)
+        case_rows = sweep_case(case, dtype, args.path, args.tanh, args.config)
         print_case(case_rows)
         rows += case_rows
     print(f"swept {len(cases)} cases in {time.perf_counter() - start:.0f} s")

@@ -62,9 +62,12 @@ def strides(*names: str) -> dict[str, str]:
 def linear_cases() -> Iterator[Case]:
     """The persistent kernel in every epilogue form; the one-tile-a-program kernel in each form of quick_gelu."""
     forms = [(activation, tanh) for activation in ("quick_gelu", "gelu_pytorch_tanh") for tanh in linear.TANH_FORMS]
-    for activation, tanh in [*forms, ("gelu", "f32"), ("gelu", "bf16x2"), ("none", "f32")]:
-        tanh_shaped = activation in ("quick_gelu", "gelu_pytorch_tanh") or (activation, tanh) == ("gelu", "bf16x2")
+    gelu_forms = [("gelu", "f32"), ("gelu", "bf16x2"), ("gelu", "bf16x2_math")]
+    for activation, tanh in [*forms, *gelu_forms, ("none", "f32")]:
+        tanh_shaped = activation in ("quick_gelu", "gelu_pytorch_tanh") or (activation == "gelu" and "bf16" in tanh)
         expected = "tanh.approx" if tanh != "sigmoid" and tanh_shaped else None
+        if tanh == "bf16x2_math" and tanh_shaped:
+            expected = "fma.rn.bf16x2"
         flags = dict(ACTIVATION=activation, TANH=tanh, HAS_BIAS=True)
         yield Case(
             f"linear persistent {activation} {tanh}",

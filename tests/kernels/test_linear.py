@@ -355,7 +355,13 @@ def test_linear_gpu_3d_public(lead, activation, dtype):
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu_pytorch_tanh", "gelu"])
 @pytest.mark.parametrize(
     "dtype, tanh",
-    [(torch.float16, "f32"), (torch.bfloat16, "f32"), (torch.bfloat16, "bf16x2"), (torch.float16, "sigmoid")],
+    [
+        (torch.float16, "f32"),
+        (torch.bfloat16, "f32"),
+        (torch.bfloat16, "bf16x2"),
+        (torch.bfloat16, "bf16x2_math"),
+        (torch.float16, "sigmoid"),
+    ],
 )
 @pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
 def test_linear_gpu_tanh_forms(activation, dtype, tanh, persistent, monkeypatch):
@@ -470,7 +476,7 @@ def test_linear_gpu_cuda_graph():
 
 def test_tanh_form_follows_the_gpu():
     """Each form only where the GPU has its instruction: bf16x2 from sm_90, the f32 tanh from sm_75."""
-    assert linear_module.tanh_form(torch.bfloat16, 90) == "bf16x2"
+    assert linear_module.tanh_form(torch.bfloat16, 90) == "bf16x2_math"
     assert linear_module.tanh_form(torch.bfloat16, 80) == "f32"
     assert linear_module.tanh_form(torch.float16, 90) == "f32"
     assert linear_module.tanh_form(torch.float16, 70) == "sigmoid"

@@ -71,16 +71,23 @@ def check_activation(activation: str | None) -> None:
 # cuBLAS F.linear + bias (H100, benchmarks/bench_gemm.py, results/h100/session17): L/14 quick_gelu sigmoid 0.84x,
 # f32 0.89x, bf16x2 0.92x; so400m gelu_pytorch_tanh 0.88x, 0.93x, 0.98x (cuBLASLt's GELU epilogue 0.93x); relative
 # error of the bf16 output against the fp32 activation 2.5e-3 (f32) and 3.0e-3 (bf16x2), where rounding to bf16
-# alone gives 2.4e-3.
-TANH_FORMS = ("f32", "bf16x2", "sigmoid")
-# GELU_AS_TANH: where TANH is "bf16x2", the exact (erf) gelu is evaluated as gelu_pytorch_tanh. The two differ by
-# at most 4.7e-4 (at x = -2.70), under the error of the bf16x2 tanh itself, while libdevice's erf is a polynomial
-# evaluated per element in the epilogue. One H200: fc1 of H/14 and bigG (hidden_act "gelu") at b128 ran at 0.76x
-# and 0.83x of cuBLAS with the erf at their best config (results/h200/session20/sweeps/sweep_persistent.log), and
-# at 0.84x and 0.95x in the tanh form (fc1_b8_b128/gemm_fc1.log, autotuned; bench_gemm's timing, L2 flushed per
-# call). The relative error of the bf16 output against the fp32 erf gelu was 3.1e-3 there. fp16 outputs (whose
-# steps are 8x finer) and fp32 keep the erf.
-FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2"}
+# alone gives 2.4e-3. "bf16x2_math", the bf16 default on sm_90, runs the whole activation on bf16 pairs after the
+# output's rounding (``BF16X2_MATH``). One H100, the persistent kernel's 128x256 tile against cuBLAS F.linear + bias
+# (benchmarks/sweep_matmul.py --tanh, results/h100/session21/sweep_forms/sweep.log), "bf16x2" -> "bf16x2_math":
+# L/14-336 fc1 b128 0.89x -> 0.91x, so400m b128 0.88x -> 0.90x, so400m b8 0.94x -> 0.97x, H/14 and bigG b128 level
+# (0.91x, 0.89x); relative error 3.6e-3 -> 2.5-2.8e-3. What is left is the epilogue's place after the main loop: a
+# 128x256 tile's 16,384 bf16x2 tanh take 1,024 cycles of the SM's 16 special-function lanes, against 16,384 cycles
+# of its MMAs, and this kernel runs them in series (the same shape with the bias alone: 0.854 ms against 0.917).
+TANH_FORMS = ("f32", "bf16x2", "bf16x2_math", "sigmoid")
+# GELU_AS_TANH: where TANH is "bf16x2" or "bf16x2_math", the exact (erf) gelu is evaluated as gelu_pytorch_tanh. The two
+# differ by at most 4.7e-4 (at x = -2.70), under the error of the bf16x2 tanh itself, while libdevice's erf is a
+# polynomial evaluated per element in the epilogue. One H200: fc1 of H/14 and bigG (hidden_act "gelu") at b128 ran at
+# 0.76x and 0.83x of cuBLAS with the erf at their best config (results/h200/session20/sweeps/sweep_persistent.log), and
+# at 0.84x and 0.95x in the tanh form (fc1_b8_b128/gemm_fc1.log, autotuned; bench_gemm's timing, L2 flushed per call).
+# The relative error of the bf16 output against the fp32 erf gelu was 3.1e-3 there. fp16 outputs (whose steps are 8x
+# finer) and fp32 keep the erf.
+FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2_math"}
+GELU_AS_TANH = ("bf16x2", "bf16x2_math")  # the TANH forms under which "gelu" is evaluated in its tanh form
 
 
 def tanh_mode(x: torch.Tensor) -> str:
@@ -93,9 +100,10 @@ def tanh_mode(x: torch.Tensor) -> str:
 
 def tanh_form(dtype: torch.dtype, arch: int) -> str:
     """``FAST_TANH``'s form for ``dtype`` where the GPU (compute capability ``arch``, 90 for sm_90) has its
-    instruction: ``tanh.approx.bf16x2`` needs sm_90, ``tanh.approx.f32`` sm_75; older GPUs take the next form."""
+    instruction: ``tanh.approx.bf16x2`` needs sm_90 (both bf16 forms), ``tanh.approx.f32`` sm_75; older GPUs take
+    the next form."""
     form = FAST_TANH.get(dtype, "sigmoid")
-    if form == "bf16x2" and arch < 90:
+    if form in GELU_AS_TANH and arch < 90:
         form = "f32"
     if form == "f32" and arch < 75:
         form = "sigmoid"
@@ -108,7 +116,7 @@ def half_plus_half_tanh(x, TANH: tl.constexpr):
     if TANH == "f32":
         t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
         y = 0.5 + 0.5 * t
-    elif TANH == "bf16x2":
+    elif TANH == "bf16x2" or TANH == "bf16x2_math":
         t = tl.inline_asm_elementwise(
             "tanh.approx.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
         )
@@ -123,13 +131,62 @@ def activate(x, ACTIVATION: tl.constexpr, TANH: tl.constexpr = "sigmoid"):
     """``ACTIVATION`` of fp32 ``x``; "none" passes x through."""
     if ACTIVATION == "quick_gelu":
         y = x * half_plus_half_tanh(0.851 * x, TANH)  # sigmoid(1.702 x)
-    elif ACTIVATION == "gelu_pytorch_tanh" or (ACTIVATION == "gelu" and TANH == "bf16x2"):
+    elif ACTIVATION == "gelu_pytorch_tanh" or (ACTIVATION == "gelu" and (TANH == "bf16x2" or TANH == "bf16x2_math")):
         # For bf16 outputs on CUDA the exact gelu takes the tanh form too (GELU_AS_TANH).
         y = x * half_plus_half_tanh(0.7978845608028654 * (x + 0.044715 * x * x * x), TANH)  # sqrt(2 / pi)
     elif ACTIVATION == "gelu":
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
     else:
         y = x
+    return y
+
+
+# BF16X2_MATH: where TANH is "bf16x2_math" (bf16 outputs on sm_90), the tanh-shaped activations run on the output's
+# bf16 pairs after its rounding, two elements an instruction (``fma.rn.bf16x2``): the pre-activation is rounded to
+# bf16 once, and scale, tanh, ``(1 + t) / 2`` and the product are each rounded to bf16, as transformers' bf16 eager
+# run rounds each op. Per pair that is one conversion and four to six packed instructions, against two conversions,
+# two unpacks and six to ten fp32 instructions with the tanh alone on pairs. The bf16 constants (hex bit patterns):
+# 0.851 -> 0x3F5A (0.8515625), sqrt(2 / pi) -> 0x3F4C (0.796875), 0.044715 sqrt(2 / pi) -> 0x3D12 (0.03564453),
+# 0.5 -> 0x3F00, -0.0 -> 0x8000 (the addend of a plain product).
+_QUICK_GELU_BF16X2 = tl.constexpr("""{
+.reg .b32 c, z, h, t;
+mov.b32 c, 0x3F5A3F5A;
+mov.b32 z, 0x80008000;
+mov.b32 h, 0x3F003F00;
+fma.rn.bf16x2 t, $1, c, z;
+tanh.approx.bf16x2 t, t;
+fma.rn.bf16x2 t, t, h, h;
+fma.rn.bf16x2 $0, $1, t, z;
+}""")
+_GELU_TANH_BF16X2 = tl.constexpr("""{
+.reg .b32 a, b, z, h, t;
+mov.b32 a, 0x3F4C3F4C;
+mov.b32 b, 0x3D123D12;
+mov.b32 z, 0x80008000;
+mov.b32 h, 0x3F003F00;
+fma.rn.bf16x2 t, $1, $1, z;
+fma.rn.bf16x2 t, t, b, a;
+fma.rn.bf16x2 t, $1, t, z;
+tanh.approx.bf16x2 t, t;
+fma.rn.bf16x2 t, t, h, h;
+fma.rn.bf16x2 $0, $1, t, z;
+}""")
+
+
+@triton.jit
+def activate_rounded(acc, dtype: tl.constexpr, ACTIVATION: tl.constexpr, TANH: tl.constexpr):
+    """``ACTIVATION`` of fp32 ``acc`` as ``dtype``: on bf16 pairs after rounding (``BF16X2_MATH``) where TANH says
+    so, else in fp32 (``activate``) and rounded once."""
+    if TANH == "bf16x2_math" and ACTIVATION == "quick_gelu":
+        y = tl.inline_asm_elementwise(
+            _QUICK_GELU_BF16X2, "=r,r", [acc.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    elif TANH == "bf16x2_math" and (ACTIVATION == "gelu_pytorch_tanh" or ACTIVATION == "gelu"):
+        y = tl.inline_asm_elementwise(
+            _GELU_TANH_BF16X2, "=r,r", [acc.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        y = activate(acc, ACTIVATION, TANH).to(dtype)
     return y
 
 
@@ -188,10 +245,9 @@ def _linear_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    acc = activate(acc, ACTIVATION, TANH)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, activate_rounded(acc, out_ptr.dtype.element_ty, ACTIVATION, TANH), mask=mask)
 
 
 @triton.jit
@@ -209,7 +265,7 @@ def _store_slice(
     cols = offset_n + tl.arange(0, acc.shape[1])
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out.store([offset_m, offset_n], activate(acc, ACTIVATION, TANH).to(out.dtype))
+    out.store([offset_m, offset_n], activate_rounded(acc, out.dtype, ACTIVATION, TANH))
 
 
 @triton.jit
@@ -483,8 +539,9 @@ def linear(
       b128 on L/14 and so400m, behind it on smaller shapes);
     - gelu_pytorch_tanh with a bias: cuBLASLt's bias + GELU epilogue (``torch._addmm_activation``, the same
       tanh approximation), 0.93-0.98x of a bare cuBLAS GEMM at batch 1 and 128 against 0.67-0.70x for ours at
-      batch 1; except bf16 above ``SMALL_M`` rows on Hopper, where the persistent Triton kernel with its bf16x2
-      tanh (``FAST_TANH``) reaches 0.98x against cuBLASLt's 0.93x (so400m b128);
+      batch 1; except bf16 above ``SMALL_M`` rows on Hopper, where the persistent Triton kernel with its bf16
+      activation (``FAST_TANH``) is ahead (so400m fc1 at 5,832 and 93,312 rows 0.94x and 1.00x against
+      cuBLASLt's 0.92x and 0.91x, results/h100/session21/forms/gemm.log);
     - otherwise (quick_gelu, gelu) the Triton kernel.
     ``linear_triton`` runs the Triton kernel on any call.
     """
