@@ -474,6 +474,23 @@ def test_linear_gpu_cuda_graph():
     assert not torch.equal(captured, expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh"])
+def test_linear_gpu_tanh_gelu_path(activation):
+    """bf16 on Hopper: the tanh-form gelu (the exact gelu included, ``GELU_AS_TANH``) goes to cuBLASLt's GELU
+    epilogue up to ``CUBLASLT_GELU_MAX_ROWS`` rows and to the Triton kernel above them, within the bound both
+    ways."""
+    needs_hopper()
+    limit = linear_module.CUBLASLT_GELU_MAX_ROWS
+    for rows in (257, limit + 1):
+        x, w, b = make_inputs((rows,), 1280, 5120, torch.bfloat16, bias=True, device="cuda")
+        out = linear(x, w, b, activation)
+        cublaslt = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        assert torch.equal(out, cublaslt) == (rows <= limit), rows
+        assert torch.equal(out, linear_triton(x, w, b, activation)) == (rows > limit), rows
+        assert_matches_reference(out, x, w, b, activation)
+
+
 def test_tanh_form_follows_the_gpu():
     """Each form only where the GPU has its instruction: bf16x2 from sm_90, the f32 tanh from sm_75."""
     assert linear_module.tanh_form(torch.bfloat16, 90) == "bf16x2_math"

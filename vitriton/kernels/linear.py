@@ -30,7 +30,6 @@ import triton.language as tl
 from vitriton.kernels._dispatch import interpreting, use_triton
 from vitriton.kernels._launch import PlanCache, check_out, cuda_properties, first_launch, rows_view
 from vitriton.kernels._matmul import (
-    SMALL_M,
     accumulate_tile_tma,
     check_operands,
     dot_is_ieee,
@@ -88,6 +87,13 @@ TANH_FORMS = ("f32", "bf16x2", "bf16x2_math", "sigmoid")
 # finer) and fp32 keep the erf.
 FAST_TANH = {torch.float16: "f32", torch.bfloat16: "bf16x2_math"}
 GELU_AS_TANH = ("bf16x2", "bf16x2_math")  # the TANH forms under which "gelu" is evaluated in its tanh form
+# Up to this many rows ``linear`` hands the tanh-form gelu to cuBLASLt's GELU epilogue; above it, bf16 on Hopper
+# takes the persistent Triton kernel. One H100, against cuBLAS F.linear + bias, L2 flushed (python3 -m
+# benchmarks.bench_gemm --batch-sizes 1 8 128 --layers qkv fc1, results/h100/session21/forms/gemm.log), cuBLASLt
+# against Triton: so400m fc1 (gelu_pytorch_tanh) at 729 rows 0.93x / 0.86x, at 5,832 0.92x / 0.94x, at 93,312 0.91x /
+# 1.00x; H/14 fc1 (gelu) at 257 rows 0.94x / 0.72x, at 2,056 0.92x / 0.81x, at 32,896 1.00x / 1.07x; bigG at 257
+# 0.94x / 0.68x, at 2,056 0.93x / 0.83x, at 32,896 1.04x / 1.01x.
+CUBLASLT_GELU_MAX_ROWS = 4096
 
 
 def tanh_mode(x: torch.Tensor) -> str:
@@ -537,12 +543,11 @@ def linear(
     CUDA calls take the fastest measured path per case (``benchmarks/bench_gemm.py``, results/h100):
     - no activation: cuBLAS, whose epilogue already adds the bias (our persistent kernel is level with it at
       b128 on L/14 and so400m, behind it on smaller shapes);
-    - gelu_pytorch_tanh with a bias: cuBLASLt's bias + GELU epilogue (``torch._addmm_activation``, the same
-      tanh approximation), 0.93-0.98x of a bare cuBLAS GEMM at batch 1 and 128 against 0.67-0.70x for ours at
-      batch 1; except bf16 above ``SMALL_M`` rows on Hopper, where the persistent Triton kernel with its bf16
-      activation (``FAST_TANH``) is ahead (so400m fc1 at 5,832 and 93,312 rows 0.94x and 1.00x against
-      cuBLASLt's 0.92x and 0.91x, results/h100/session21/forms/gemm.log);
-    - otherwise (quick_gelu, gelu) the Triton kernel.
+    - the tanh-form gelu with a bias, that is gelu_pytorch_tanh and, for bf16 outputs on sm_90, the exact gelu
+      (``GELU_AS_TANH``): cuBLASLt's bias + GELU epilogue (``torch._addmm_activation``, the same tanh
+      approximation) up to ``CUBLASLT_GELU_MAX_ROWS`` rows, and for bf16 on Hopper the persistent Triton kernel
+      above them;
+    - otherwise (quick_gelu; the erf gelu elsewhere) the Triton kernel.
     ``linear_triton`` runs the Triton kernel on any call.
     """
     if not use_triton(x, eager, weight, bias):
@@ -550,9 +555,10 @@ def linear(
     if x.is_cuda:
         if activation is None:
             return F.linear(x, weight, bias)
-        if activation == "gelu_pytorch_tanh" and bias is not None:
+        tanh_gelu = activation == "gelu_pytorch_tanh" or (activation == "gelu" and tanh_mode(x) in GELU_AS_TANH)
+        if tanh_gelu and bias is not None:
             rows = x.reshape(-1, x.shape[-1])
-            if not (x.dtype == torch.bfloat16 and rows.shape[0] > SMALL_M and tma_device(x.device)):
+            if not (x.dtype == torch.bfloat16 and rows.shape[0] > CUBLASLT_GELU_MAX_ROWS and tma_device(x.device)):
                 out = torch._addmm_activation(bias, rows, weight.t(), use_gelu=True)
                 return out.view(*x.shape[:-1], weight.shape[0])
     if torch.compiler.is_compiling():
