@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from vitriton.encoders import clip, siglip
-from vitriton.encoders.pretrained import resolve_checkpoint
+from vitriton.encoders.pretrained import TRANSFORMERS_OPTIONS, hub_options, resolve_checkpoint
 from vitriton.encoders.trunk import TextTransformer, VisionTransformer
 from vitriton.parallel import CheckpointError
 
@@ -80,6 +80,7 @@ def from_pretrained(
     num_layers: int | None = None,
     check_inputs: bool | None = None,
     cuda_graphs: str | bool | Sequence[int] = "auto",
+    **options,
 ) -> nn.Module:
     """Loads the model a checkpoint's config.json names (``architectures``, else ``model_type``: clip, siglip and
     their towers, CLIP's *WithProjection classes) from a local directory or a Hub repo id already in the local
@@ -102,18 +103,29 @@ def from_pretrained(
     - ``cuda_graphs``: "auto" (default): small calls replay from CUDA graphs captured on their second call;
       ``True`` or batch-size buckets: every call up to the largest bucket replays; ``False``: none
       (vitriton.graphs, :func:`vitriton.enable_cuda_graphs`).
+    - transformers' own loading keywords, so that its calls run unchanged (``TRANSFORMERS_OPTIONS``):
+      ``revision``, ``cache_dir``, ``token`` and ``subfolder`` find the checkpoint, ``config=`` replaces its
+      config.json, ``device_map`` names one device, and ``attn_implementation``, ``local_files_only``,
+      ``low_cpu_mem_usage``, ``trust_remote_code`` and ``use_safetensors`` change nothing.
     """
-    directory = resolve_checkpoint(path)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{directory} has no config.json")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    unknown = sorted(set(options) - set(TRANSFORMERS_OPTIONS))
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    lookup, given, _ = hub_options(dict(options))
+    directory = resolve_checkpoint(path, **lookup)
+    if given is not None:
+        config = given.to_dict()
+    else:
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{directory} has no config.json")
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
     cls = pick_class(config.get("model_type"), config.get("architectures"), tower)
     return cls.from_pretrained(
-        directory,
+        path,
         dtype=dtype,
         torch_dtype=torch_dtype,
         device=device,
@@ -124,6 +136,7 @@ def from_pretrained(
         num_layers=num_layers,
         check_inputs=check_inputs,
         cuda_graphs=cuda_graphs,
+        **options,
     )
 
 

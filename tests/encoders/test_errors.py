@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import vitriton
@@ -209,3 +210,32 @@ def test_bad_cuda_token_id_fails_with_a_message(bad):
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
     assert "token id is outside the vocabulary of 99 tokens" in output, output
+
+
+def test_transformers_loading_keywords(clip_dir, tmp_path):
+    """transformers' from_pretrained keywords work unchanged: the checkpoint's place (subfolder), config=,
+    device_map naming one device, and the options that change nothing here."""
+    same = dict(attn_implementation="sdpa", local_files_only=True, low_cpu_mem_usage=True, use_safetensors=True)
+    model = vitriton.CLIPVisionModel.from_pretrained(clip_dir, device_map="cpu", trust_remote_code=False, **same)
+    assert type(model) is vitriton.CLIPVisionModel and model.device == torch.device("cpu")
+    config = transformers.AutoConfig.from_pretrained(clip_dir)
+    config.vision_config.layer_norm_eps = 0.25  # config= is read instead of config.json
+    model = vitriton.from_pretrained(clip_dir, config=config, attn_implementation="eager")
+    assert type(model) is vitriton.CLIPModel and model.config.vision_config.layer_norm_eps == 0.25
+    (tmp_path / "sub").symlink_to(clip_dir, target_is_directory=True)
+    assert type(vitriton.from_pretrained(tmp_path, subfolder="sub", tower="text")) is vitriton.CLIPTextModel
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        (dict(use_safetensors=False), ValueError, "reads safetensors checkpoints only"),
+        (dict(device_map={"": 0}), ValueError, "loads a model on one device"),
+        (dict(config="config.json"), TypeError, "takes a transformers PretrainedConfig"),
+        (dict(subfolder="nowhere"), FileNotFoundError, "subfolder='nowhere'"),
+        (dict(output_loading_info=True), TypeError, "'output_loading_info'"),
+    ],
+)
+def test_transformers_loading_keywords_vitriton_cannot_honour(clip_dir, options, error, match):
+    with pytest.raises(error, match=match):
+        vitriton.from_pretrained(clip_dir, **options)

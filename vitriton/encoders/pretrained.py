@@ -46,8 +46,58 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOWER_MARKERS = {"vision": "embeddings.patch_embedding.weight", "text": "embeddings.token_embedding.weight"}
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a Hub repo id already in the local Hugging Face cache (never downloads)."""
+# transformers' from_pretrained keywords taken so that a caller's call runs unchanged (``hub_options``): where the
+# checkpoint is, looked up in the local Hugging Face cache (``revision``, ``cache_dir``, ``token``) or below the
+# directory (``subfolder``); ``config``, a config object read instead of config.json; ``device_map``, one device;
+# and options that change nothing here: ``attn_implementation`` (vitriton runs its own attention; see
+# output_attentions), ``local_files_only`` (nothing is ever downloaded), ``low_cpu_mem_usage`` (tensors are read
+# one at a time anyway), ``trust_remote_code``, and ``use_safetensors`` unless False (safetensors is all vitriton
+# reads).
+HUB_OPTIONS = ("revision", "cache_dir", "token", "subfolder")
+NO_OP_OPTIONS = ("attn_implementation", "local_files_only", "low_cpu_mem_usage", "trust_remote_code", "use_safetensors")
+TRANSFORMERS_OPTIONS = (*HUB_OPTIONS, "config", "device_map", *NO_OP_OPTIONS)
+
+
+def hub_options(options: dict) -> tuple[dict, PretrainedConfig | None, torch.device | str | None]:
+    """``TRANSFORMERS_OPTIONS`` taken out of ``options`` (what is left goes on to ``build``): the cache lookup's
+    keywords (``resolve_checkpoint``), the config object given, and the device ``device_map`` names. Raises for
+    values vitriton cannot honour."""
+    taken = {name: options.pop(name) for name in TRANSFORMERS_OPTIONS if name in options}
+    if taken.get("use_safetensors") is False:
+        raise ValueError("use_safetensors=False: vitriton reads safetensors checkpoints only")
+    config = taken.get("config")
+    if config is not None and not isinstance(config, PretrainedConfig):
+        raise TypeError(f"config= takes a transformers PretrainedConfig; got {type(config).__name__}")
+    device_map = taken.get("device_map")
+    if isinstance(device_map, dict):
+        raise ValueError(
+            "device_map as a dict places modules on several devices; vitriton loads a model on one device: pass "
+            "device= (or device_map='cuda'), and shard over GPUs with torchrun (parallel='tensor')"
+        )
+    device = None if device_map in (None, "auto") else device_map
+    return {name: taken[name] for name in HUB_OPTIONS if taken.get(name) is not None}, config, device
+
+
+def resolve_checkpoint(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    subfolder: str | None = None,
+) -> Path:
+    """A local checkpoint directory, or a Hub repo id already in the local Hugging Face cache (never downloads);
+    ``revision``, ``cache_dir`` and ``token`` as huggingface_hub takes them for the cache lookup, ``subfolder``
+    a directory below the checkpoint's."""
+    directory = _checkpoint_root(path, revision, cache_dir, token)
+    if subfolder:
+        directory = directory / subfolder
+        if not directory.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {directory} (subfolder={subfolder!r}) does not exist")
+    return directory
+
+
+def _checkpoint_root(path, revision, cache_dir, token) -> Path:
     local = Path(path)
     if local.is_dir():
         return local
@@ -61,7 +111,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(text, local_files_only=True))
+            return Path(
+                snapshot_download(text, local_files_only=True, revision=revision, cache_dir=cache_dir, token=token)
+            )
         except Exception as err:  # huggingface_hub raises several error types for "not in the cache"
             raise FileNotFoundError(
                 f"{text} is not a local directory and is not in the local Hugging Face cache; vitriton needs a local "
@@ -191,6 +243,16 @@ def tensor_bytes(weights: Weights, prefixes: Sequence[str], dtype: torch.dtype) 
     """Bytes in ``dtype`` of the checkpoint tensors under ``prefixes``, from their shapes (nothing is read)."""
     starts = tuple(join(prefix, "") for prefix in prefixes)
     return dtype.itemsize * sum(math.prod(weights.shape(name)) for name in weights.names() if name.startswith(starts))
+
+
+def read_config(directory: Path) -> PretrainedConfig:
+    """The checkpoint's config.json as transformers reads it."""
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} has no config.json")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read {directory / 'config.json'}: {err}") from err
 
 
 class PretrainedMixin:
@@ -387,15 +449,14 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> nn.Module:
         """Loads this class from a checkpoint directory (or a Hub repo id in the local cache). Keyword arguments
-        are those of :func:`vitriton.from_pretrained`; a tower class takes its tower out of a full CLIP/SigLIP or
-        LLaVA checkpoint."""
-        directory = resolve_checkpoint(path)
-        if not (directory / "config.json").is_file():
-            raise CheckpointError(f"{directory} has no config.json")
-        try:
-            config = AutoConfig.from_pretrained(directory)
-        except (ValueError, OSError) as err:
-            raise CheckpointError(f"cannot read {directory / 'config.json'}: {err}") from err
+        are those of :func:`vitriton.from_pretrained`, transformers' ``TRANSFORMERS_OPTIONS`` among them; a tower
+        class takes its tower out of a full CLIP/SigLIP or LLaVA checkpoint."""
+        lookup, config, device = hub_options(kwargs)
+        if device is not None and kwargs.get("device") is None:
+            kwargs["device"] = device
+        directory = resolve_checkpoint(path, **lookup)
+        if config is None:
+            config = read_config(directory)
         return cls.build(
             config,
             lambda dtype, group, device: Weights(directory, dtype=dtype, device=device, process_group=group),
