@@ -103,8 +103,16 @@ def test_patch_a_tower_alone_keeps_the_object():
         expected_image = vision(pixels, output_hidden_states=True)
         expected_text = text(ids, mask)
     assert vitriton.patch(vision) is vision and vitriton.patch(text) is text
-    assert isinstance(vision, CLIPVisionTransformer) and isinstance(text, CLIPTextTransformer)
+    # vitriton's class of the same name, so transformers' model API stays.
+    assert type(vision) is vitriton.CLIPVisionModel and type(text) is vitriton.CLIPTextModel
+    assert isinstance(vision.vision_model, CLIPVisionTransformer)
+    assert isinstance(text.text_model, CLIPTextTransformer)
     assert vision.config.image_size == 40
+    assert (vision.device, vision.dtype, vision.main_input_name) == (torch.device("cpu"), torch.float32, "pixel_values")
+    assert vision.num_parameters() == sum(p.numel() for p in vision.parameters())
+    assert vision.get_input_embeddings() is vision.vision_model.embeddings
+    assert text.get_input_embeddings() is text.text_model.embeddings.token_embedding
+    assert vitriton.patch(vision) is vision and type(vision) is vitriton.CLIPVisionModel
     with torch.no_grad():
         image = vision(pixels, output_hidden_states=True)
         out = text(ids, mask)
@@ -127,6 +135,8 @@ def test_patch_a_model_with_projection():
         expected = model(pixels).image_embeds
     vitriton.patch(model)
     assert isinstance(model.vision_model, CLIPVisionTransformer)
+    # transformers' own get_input_embeddings reads vision_model.embeddings.patch_embedding.
+    assert model.get_input_embeddings() is model.vision_model.embeddings
     with torch.no_grad():
         close(model(pixels).image_embeds, expected)
 

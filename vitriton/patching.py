@@ -53,8 +53,9 @@ def patch(
     mode each rank keeps its shard of the full in-memory weights, in data mode the whole tower and its share of
     each batch; ``"auto"`` picks one per tower by its size, as :func:`vitriton.from_pretrained` does.
     ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose towers are vitriton's already is left
-    as it is (patching twice changes nothing). When ``model`` is itself a tower, the object
-    becomes vitriton's tower (its class changes; the identity and ``model.config`` stay).
+    as it is (patching twice changes nothing). When ``model`` is itself a tower model (``CLIPVisionModel``, ...),
+    the object becomes vitriton's class of the same name (its class changes; the identity and ``model.config``
+    stay), with transformers' model attributes (``device``, ``dtype``, ``get_input_embeddings()``, ...).
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r}; expected one of {PARALLEL_MODES}")
@@ -69,27 +70,29 @@ def patch(
             )
         return enable_cuda_graphs(model, cuda_graphs)
     for name, module in found:
-        tower = accelerate(module, process_group=process_group, parallel=parallel)
+        built = accelerate(module, process_group=process_group, parallel=parallel)
         if name:
             owner, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(owner), attribute, tower)
+            setattr(model.get_submodule(owner), attribute, getattr(built, TOWERS[type(module)][1]))
         else:
-            # The model is the tower: the same object becomes vitriton's tower, so the caller's reference works.
-            model.__class__ = type(tower)
-            model.__dict__ = tower.__dict__
+            # The model is a tower model (CLIPVisionModel, ...): the same object becomes vitriton's class of that
+            # name, so the caller's reference works and keeps transformers' model API (device, dtype,
+            # get_input_embeddings, ...).
+            model.__class__ = type(built)
+            model.__dict__ = built.__dict__
     return enable_cuda_graphs(model, cuda_graphs)
 
 
 def accelerate(module: nn.Module, *, process_group: ProcessGroup | None, parallel: str) -> nn.Module:
-    """vitriton's tower for one transformers tower, sharing its tensors (wrapped for data parallelism when asked)."""
-    model_cls, attribute = TOWERS[type(module)]
+    """vitriton's model of the class matching a transformers tower model, built from it and sharing its tensors
+    (its tower wrapped for data parallelism when asked); the tower is its ``TOWERS`` attribute."""
+    model_cls, _ = TOWERS[type(module)]
     parameter = next(module.parameters())
     built = model_cls.from_transformers(
         module, dtype=parameter.dtype, device=parameter.device, process_group=process_group, parallel=parallel
     )
-    tower = getattr(built, attribute)
     with torch.no_grad():
-        for tensor in tower.parameters():
+        for tensor in built.parameters():
             if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
                 tensor.data = tensor.data.clone()
-    return tower
+    return built

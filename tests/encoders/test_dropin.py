@@ -163,3 +163,50 @@ def test_model_attributes_as_transformers(family, part, clip_pair, siglip_pair):
         ours_weight = getattr(ours.get_input_embeddings(), "weight", None)
         theirs = ours.get_input_embeddings().patch_weight if ours_weight is None else ours_weight
         assert torch.equal(theirs, weight)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_jit_trace_follows_the_batch(family, clip_pair, siglip_pair):
+    """``torch.jit.trace`` (the older route to ONNX) records the eager references: each tower traced at batch 2
+    runs batch 3 as transformers' does, images and masked text. (transformers' full models do not trace: their
+    outputs nest ModelOutputs.)"""
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px, (ids, mask) = models.pixels(2, size, seed=3), models.text(2, 9, seed=3)
+    vision = torch.jit.trace(ours.vision_model, (px,), strict=False)
+    text = torch.jit.trace(ours.text_model, (ids, mask), strict=False)
+    px, (ids, mask) = models.pixels(3, size, seed=4), models.text(3, 9, seed=4)
+    for got, ref in ((vision(px), hf.vision_model(px)), (text(ids, mask), hf.text_model(ids, mask))):
+        for key in ("last_hidden_state", "pooler_output"):
+            assert_same(got[key], ref[key], key)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_layer_hooks_see_transformers_hidden_states(family, clip_pair, siglip_pair):
+    """A forward hook on an encoder layer gets that layer's output hidden states, as in transformers, and what
+    it returns replaces them; pre-hooks see the layer's input. Vision and masked text towers."""
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px, (ids, mask) = models.pixels(2, size, seed=6), models.text(2, 9, seed=6)
+    for tower, call in (("vision_model", lambda m: m(px)), ("text_model", lambda m: m(ids, mask))):
+        seen = {}
+
+        def keep(name, seen=seen):
+            def hook(module, args, out):
+                seen.setdefault(name, []).append((args[0], out))
+                return out * 0.5  # replaces the layer's output downstream
+
+            return hook
+
+        handles = [getattr(model, tower).encoder.layers[1].register_forward_hook(keep(name))
+                   for name, model in (("hf", hf), ("ours", ours))]  # fmt: skip
+        try:
+            ref, got = call(getattr(hf, tower)), call(getattr(ours, tower))
+        finally:
+            for handle in handles:
+                handle.remove()
+        (hf_in, hf_out), (our_in, our_out) = seen["hf"][0], seen["ours"][0]
+        assert type(our_out) is torch.Tensor
+        assert_same(our_in, hf_in, f"{tower} layer 1 input")
+        assert_same(our_out, hf_out, f"{tower} layer 1 output")
+        assert_same(got.pooler_output, ref.pooler_output, f"{tower} pooled, output halved by the hook")

@@ -24,6 +24,7 @@ reference instead.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -197,7 +198,9 @@ def activation_module(act) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 
 class EncoderLayer(nn.Module):
-    """Pre-norm block on the ``(delta, residual)`` stream: LN1 -> attention -> LN2 -> MLP."""
+    """Pre-norm block: LN1 -> attention -> LN2 -> MLP. The encoder runs it on the ``(delta, residual)`` stream
+    (``step``: the residual add fused into the next LayerNorm); called as a module it is transformers' layer,
+    hidden states in and out, so forward hooks on it see what they see in transformers."""
 
     attention_cls: type[Attention] = Attention
     mlp_cls: type[MLP] = MLP
@@ -212,6 +215,39 @@ class EncoderLayer(nn.Module):
 
     def forward(
         self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        attentions: list | None = None,
+        symmetric_result: tuple[str | None, str | None] = (None, None),
+        **_,
+    ) -> torch.Tensor:
+        """transformers' ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` call: the layer's output hidden states.
+        Masks come as ``key_padding_mask`` (batch, seq), 1 for the tokens to keep, and ``causal``, not as
+        transformers' additive 4-d ``attention_mask``; the attention weights, when ``output_attentions``, are
+        appended to ``attentions``."""
+        if attention_mask is not None:
+            raise ValueError(
+                "vitriton's encoder layer takes key_padding_mask= (batch, seq; 1 keeps a token) and causal=, not "
+                "transformers' 4-d additive attention_mask"
+            )
+        delta, residual, weights = self.step(
+            hidden_states,
+            None,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            output_attentions=output_attentions,
+            symmetric_result=symmetric_result,
+        )
+        if attentions is not None:
+            attentions.append(weights)
+        return delta + residual
+
+    def step(
+        self,
         delta: torch.Tensor,
         residual: torch.Tensor | None,
         *,
@@ -220,7 +256,8 @@ class EncoderLayer(nn.Module):
         output_attentions: bool = False,
         symmetric_result: tuple[str | None, str | None] = (None, None),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``symmetric_result``: for the attention's and the MLP's reduce (``RowParallelLinear.forward``)."""
+        """The layer on the ``(delta, residual)`` stream (the hidden state is their sum), as the encoder runs it.
+        ``symmetric_result``: for the attention's and the MLP's reduce (``RowParallelLinear.forward``)."""
         normed, residual = self.layer_norm1(delta, residual)
         delta, weights = self.self_attn(
             normed,
@@ -293,31 +330,40 @@ class Encoder(nn.Module):
         (0 = the input, i = the output of layer i, as transformers numbers them); hidden_states is None when
         ``record`` is, else a tuple (empty for an empty ``record``)."""
         chunks = self.overlap_chunks(hidden.shape[0])
-        if chunks > 1 and record is None and not output_attentions:
+        hooked = self.layer_hooks(depth)
+        if chunks > 1 and record is None and not output_attentions and not any(hooked):
             return self.forward_overlapped(hidden, depth, chunks, causal=causal, key_padding_mask=key_padding_mask)
         wanted = set(record or ())
         states = {0: hidden} if 0 in wanted else {}
         attentions = []
         delta, residual = hidden, None
         results = self.symmetric_results(depth, 1)
+        masks = dict(causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions)
         for index in range(depth):
-            delta, residual, weights = self.layers[index](
-                delta,
-                residual,
-                causal=causal,
-                key_padding_mask=key_padding_mask,
-                output_attentions=output_attentions,
-                symmetric_result=results[index],
-            )
-            attentions.append(weights)
+            layer = self.layers[index]
+            if hooked[index]:
+                # Through the module call, so its hooks run on hidden states as transformers' layers give them.
+                hidden = delta if residual is None else delta + residual
+                delta, residual = layer(hidden, attentions=attentions, symmetric_result=results[index], **masks), None
+            else:
+                delta, residual, weights = layer.step(delta, residual, symmetric_result=results[index], **masks)
+                attentions.append(weights)
             if index + 1 in wanted:
-                states[index + 1] = delta + residual
+                states[index + 1] = delta if residual is None else delta + residual
         return EncoderOutput(
             delta,
             residual,
             None if record is None else tuple(states[i] for i in record),
             tuple(attentions) if output_attentions else None,
         )
+
+    def layer_hooks(self, depth: int) -> list[bool]:
+        """Per layer of the first ``depth``, whether a forward hook or pre-hook (its own, or a global one) must see
+        it called as a module; the other layers run their ``step`` directly, without the module call's cost."""
+        if _global_forward_hooks or _global_forward_pre_hooks:
+            return [True] * depth
+        layers = itertools.islice(self.layers, depth)  # a slice of a ModuleList builds a new one
+        return [bool(layer._forward_hooks or layer._forward_pre_hooks) for layer in layers]
 
     def symmetric_results(self, depth: int, chunks: int) -> list[tuple[str | None, str | None]]:
         """Per layer, what its attention's and MLP's reduces do with symmetric memory
@@ -661,8 +707,9 @@ class PatchEmbeddings(nn.Module):
         grid = grid.reshape(batch, channels, grid_h, patch, grid_w, patch).permute(0, 2, 4, 1, 3, 5)
         lead = 1 if self.class_embedding is not None else 0
         width = channels * patch * patch
-        if autograd_records(pixel_values):
-            # Out of place, so that autograd records it (dynamo loses requires_grad through the in-place copy).
+        if autograd_records(pixel_values) or torch.jit.is_tracing():
+            # Out of place, so that autograd records it (dynamo loses requires_grad through the in-place copy), and
+            # so that a torch.jit.trace follows the batch size instead of baking the buffer's shape in.
             rows = grid.reshape(batch, grid_h * grid_w, width).to(dtype)
             return F.pad(rows, (0, pad_to_16_bytes(width), lead, 0)), grid_h, grid_w
         rows = pixel_values.new_empty((batch, lead + grid_h * grid_w, width + pad_to_16_bytes(width)), dtype=dtype)
@@ -672,6 +719,13 @@ class PatchEmbeddings(nn.Module):
             batch, grid_h, grid_w, channels, patch, patch
         ).copy_(grid)
         return rows, grid_h, grid_w
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        """transformers' name of the patch projection, which its outer models' ``get_input_embeddings()`` reads
+        (``CLIPVisionModelWithProjection`` of a patched model): here this module, whose weight is
+        ``patch_weight``, as vitriton's own ``get_input_embeddings()`` gives it."""
+        return self
 
     def gemm_weight(self) -> torch.Tensor:
         """The conv weight as the GEMM's (hidden, K) operand, K padded with zero columns to whole 16 bytes as the
@@ -706,7 +760,8 @@ class PatchEmbeddings(nn.Module):
         with interpreter_guard(dtype, rows.device):
             tokens = linear(rows, weight, bias)
         if self.class_embedding is not None:
-            tokens[:, 0] = self.class_embedding
+            # expand_as: a torch.jit.trace then records the batch size as the input's, not as a constant.
+            tokens[:, 0] = self.class_embedding.expand_as(tokens[:, 0])
         # Out of place: under autocast the tokens are in the autocast dtype and the sum in the table's, as in
         # transformers.
         return tokens + (self.positions(grid_h, grid_w) if interpolate_pos_encoding else self.position_embedding)

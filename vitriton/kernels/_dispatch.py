@@ -69,9 +69,11 @@ def use_triton(x: torch.Tensor, eager: bool | None = None, *operands: torch.Tens
     The op's other operands are checked against ``x`` when its launch plan is built; a mismatch (another
     device, another dtype) raises there rather than silently running eager. The kernels have no backward: when
     autograd records (grad mode on and ``x`` or one of ``operands`` requires grad), the op runs its eager
-    reference, so gradients reach the inputs (and any parameter a caller unfroze) as in transformers.
+    reference, so gradients reach the inputs (and any parameter a caller unfroze) as in transformers. Under
+    ``torch.jit.trace`` the op runs its eager reference too: a trace records torch ops, which a Triton launch is
+    not, so the traced module (and an ONNX export made from it) holds transformers' formulas.
     """
-    if autograd_records(x, *operands):
+    if autograd_records(x, *operands) or torch.jit.is_tracing():
         return False
     global _eager_env
     if eager is None:
