@@ -103,16 +103,15 @@ def test_patch_a_tower_alone_keeps_the_object():
         expected_image = vision(pixels, output_hidden_states=True)
         expected_text = text(ids, mask)
     assert vitriton.patch(vision) is vision and vitriton.patch(text) is text
-    # vitriton's class of the same name, so transformers' model API stays.
-    assert type(vision) is vitriton.CLIPVisionModel and type(text) is vitriton.CLIPTextModel
-    assert isinstance(vision.vision_model, CLIPVisionTransformer)
-    assert isinstance(text.text_model, CLIPTextTransformer)
+    # vitriton's tower, with transformers 5.17's children and model attributes.
+    assert isinstance(vision, CLIPVisionTransformer) and isinstance(text, CLIPTextTransformer)
     assert vision.config.image_size == 40
+    assert {"embeddings", "encoder", "post_layernorm"} <= dict(vision.named_children()).keys()
     assert (vision.device, vision.dtype, vision.main_input_name) == (torch.device("cpu"), torch.float32, "pixel_values")
-    assert vision.num_parameters() == sum(p.numel() for p in vision.parameters())
-    assert vision.get_input_embeddings() is vision.vision_model.embeddings
-    assert text.get_input_embeddings() is text.text_model.embeddings.token_embedding
-    assert vitriton.patch(vision) is vision and type(vision) is vitriton.CLIPVisionModel
+    assert (text.main_input_name, vision.num_parameters()) == ("input_ids", sum(p.numel() for p in vision.parameters()))
+    assert vision.get_input_embeddings() is vision.embeddings
+    assert text.get_input_embeddings() is text.embeddings.token_embedding
+    assert vitriton.patch(vision) is vision and isinstance(vision, CLIPVisionTransformer)
     with torch.no_grad():
         image = vision(pixels, output_hidden_states=True)
         out = text(ids, mask)

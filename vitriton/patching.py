@@ -53,8 +53,8 @@ def patch(
     mode each rank keeps its shard of the full in-memory weights, in data mode the whole tower and its share of
     each batch; ``"auto"`` picks one per tower by its size, as :func:`vitriton.from_pretrained` does.
     ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose towers are vitriton's already is left
-    as it is (patching twice changes nothing). When ``model`` is itself a tower model (``CLIPVisionModel``, ...),
-    the object becomes vitriton's class of the same name (its class changes; the identity and ``model.config``
+    as it is (patching twice changes nothing). When ``model`` is itself a tower (``CLIPVisionModel``, ...), the
+    object becomes vitriton's tower (its class changes; the identity, the children's layout and ``model.config``
     stay), with transformers' model attributes (``device``, ``dtype``, ``get_input_embeddings()``, ...).
     """
     if parallel not in PARALLEL_MODES:
@@ -75,11 +75,12 @@ def patch(
             owner, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(owner), attribute, getattr(built, TOWERS[type(module)][1]))
         else:
-            # The model is a tower model (CLIPVisionModel, ...): the same object becomes vitriton's class of that
-            # name, so the caller's reference works and keeps transformers' model API (device, dtype,
-            # get_input_embeddings, ...).
-            model.__class__ = type(built)
-            model.__dict__ = built.__dict__
+            # The model is the tower: the same object becomes vitriton's tower, which keeps transformers 5.17's
+            # layout of these classes (embeddings, encoder, ... as children) and its model attributes (device,
+            # dtype, get_input_embeddings, ...), so the caller's reference works.
+            tower = getattr(built, TOWERS[type(module)][1])
+            model.__class__ = type(tower)
+            model.__dict__ = tower.__dict__
     return enable_cuda_graphs(model, cuda_graphs)
 
 

@@ -210,3 +210,28 @@ def test_layer_hooks_see_transformers_hidden_states(family, clip_pair, siglip_pa
         assert_same(our_in, hf_in, f"{tower} layer 1 input")
         assert_same(our_out, hf_out, f"{tower} layer 1 output")
         assert_same(got.pooler_output, ref.pooler_output, f"{tower} pooled, output halved by the hook")
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_layer_backward_hooks_and_replaced_forward_run(family, clip_pair, siglip_pair):
+    """What ``nn.Module.__call__`` does besides forward hooks reaches the layer too: a full backward hook (while
+    gradients flow to the pixels) and a ``forward`` replaced on the instance, as accelerate's hooks replace it."""
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    for model in (hf, ours):
+        layer = model.vision_model.encoder.layers[1]
+        calls = []
+        handle = layer.register_full_backward_hook(lambda module, grad_in, grad_out, calls=calls: calls.append(1))
+        px = models.pixels(1, size, seed=8).requires_grad_()
+        try:
+            model.vision_model(px).pooler_output.sum().backward()
+        finally:
+            handle.remove()
+        assert calls and px.grad is not None, type(model).__name__
+        original = layer.forward
+        layer.forward = lambda *args, original=original, **kwargs: original(*args, **kwargs) * 0.0
+        try:
+            with torch.no_grad():
+                zeroed = model.vision_model(models.pixels(1, size, seed=8), output_hidden_states=True)
+        finally:
+            del layer.forward
+        assert not zeroed.hidden_states[2].any(), type(model).__name__

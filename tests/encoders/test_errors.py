@@ -218,6 +218,8 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
     same = dict(attn_implementation="sdpa", local_files_only=True, low_cpu_mem_usage=True, use_safetensors=True)
     model = vitriton.CLIPVisionModel.from_pretrained(clip_dir, device_map="cpu", trust_remote_code=False, **same)
     assert type(model) is vitriton.CLIPVisionModel and model.device == torch.device("cpu")
+    for device_map in ({"": "cpu"}, "balanced"):  # one device for every module; a strategy: the default device
+        assert vitriton.from_pretrained(clip_dir, device_map=device_map, device="cpu").device == torch.device("cpu")
     config = transformers.AutoConfig.from_pretrained(clip_dir)
     config.vision_config.layer_norm_eps = 0.25  # config= is read instead of config.json
     model = vitriton.from_pretrained(clip_dir, config=config, attn_implementation="eager")
@@ -230,7 +232,8 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
     ("options", "error", "match"),
     [
         (dict(use_safetensors=False), ValueError, "reads safetensors checkpoints only"),
-        (dict(device_map={"": 0}), ValueError, "loads a model on one device"),
+        (dict(device_map={"vision_model": "cpu", "text_model": "meta"}), ValueError, "on 2 devices"),
+        (dict(device_map="cpu", device="meta"), ValueError, "name different devices"),
         (dict(config="config.json"), TypeError, "takes a transformers PretrainedConfig"),
         (dict(subfolder="nowhere"), FileNotFoundError, "subfolder='nowhere'"),
         (dict(output_loading_info=True), TypeError, "'output_loading_info'"),
@@ -239,3 +242,8 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
 def test_transformers_loading_keywords_vitriton_cannot_honour(clip_dir, options, error, match):
     with pytest.raises(error, match=match):
         vitriton.from_pretrained(clip_dir, **options)
+
+
+def test_unknown_keyword_names_the_class(clip_dir):
+    with pytest.raises(TypeError, match=r"CLIPModel.from_pretrained\(\) got unexpected keyword argument\(s\) 'bogus'"):
+        vitriton.CLIPModel.from_pretrained(clip_dir, bogus=1)

@@ -500,6 +500,13 @@ def test_tanh_form_follows_the_gpu():
     assert linear_module.tanh_form(torch.float32, 90) == "sigmoid"
 
 
+def test_bf16_forms_only_for_bf16(monkeypatch):
+    """A bf16 form set for another dtype (a benchmark's override) falls back to the f32 tanh: those forms round
+    every step to bf16."""
+    monkeypatch.setitem(linear_module.FAST_TANH, torch.float16, "bf16x2_math")
+    assert linear_module.tanh_form(torch.float16, 90) == "f32"
+
+
 def test_persistent_programs_do_not_follow_m():
     """The persistent kernel's PROGRAMS constexpr depends on the device and config alone (a value per M would
     compile the kernel again per batch size); the grid is cut to the tile count where that is smaller."""

@@ -65,8 +65,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         os.environ.pop("VITRITON_WEIGHT_BUDGET_GIB", None)
         hf = CLIPVisionModel.from_pretrained(path).eval()
         vitriton.patch(hf, parallel="auto")
-        # The same object, now vitriton's CLIPVisionModel, holds the tower in its data-parallel wrapper.
-        result["patched_wrapped"] = isinstance(hf.vision_model, DataParallel) and hf.parallel_mode == "data"
+        result["patched_wrapped"] = isinstance(hf, DataParallel)  # the patched tower is the same object
     torch.save(result, Path(root) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

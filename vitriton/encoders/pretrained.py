@@ -9,6 +9,7 @@ checkpoint), so one rule serves every layout; a projection or the other tower si
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import warnings
@@ -20,13 +21,12 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from vitriton.encoders.trunk import Tower, resolve_feature_layers
+from vitriton.encoders.trunk import ModelAttributes, Tower, resolve_feature_layers
 from vitriton.graphs import enable_cuda_graphs
 from vitriton.parallel import (
     CheckpointError,
     DataParallel,
     SameInputs,
-    VocabParallelEmbedding,
     Weights,
     default_group,
     get_world_size,
@@ -68,14 +68,27 @@ def hub_options(options: dict) -> tuple[dict, PretrainedConfig | None, torch.dev
     config = taken.get("config")
     if config is not None and not isinstance(config, PretrainedConfig):
         raise TypeError(f"config= takes a transformers PretrainedConfig; got {type(config).__name__}")
-    device_map = taken.get("device_map")
+    return {name: taken[name] for name in HUB_OPTIONS if taken.get(name) is not None}, config, one_device(taken)
+
+
+# device_map strategies of transformers (accelerate) that spread a model over the visible devices; vitriton loads
+# on one (the default device), and spreads over GPUs with torchrun instead.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def one_device(options: dict) -> torch.device | str | int | None:
+    """The one device transformers' ``device_map`` names: a device, or a dict that puts every module on the
+    same one (``{"": 0}``); None for a strategy (the default device). A dict over several devices raises."""
+    device_map = options.get("device_map")
     if isinstance(device_map, dict):
-        raise ValueError(
-            "device_map as a dict places modules on several devices; vitriton loads a model on one device: pass "
-            "device= (or device_map='cuda'), and shard over GPUs with torchrun (parallel='tensor')"
-        )
-    device = None if device_map in (None, "auto") else device_map
-    return {name: taken[name] for name in HUB_OPTIONS if taken.get(name) is not None}, config, device
+        devices = {torch.device(f"cuda:{d}" if isinstance(d, int) else d) for d in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map places modules on {len(devices)} devices; vitriton loads a model on one device: pass "
+                f"device= (or device_map='cuda'), and shard over GPUs with torchrun (parallel='tensor')"
+            )
+        return devices.pop()
+    return None if device_map is None or device_map in DEVICE_MAP_STRATEGIES else device_map
 
 
 def resolve_checkpoint(
@@ -255,7 +268,7 @@ def read_config(directory: Path) -> PretrainedConfig:
         raise CheckpointError(f"cannot read {directory / 'config.json'}: {err}") from err
 
 
-class PretrainedMixin:
+class PretrainedMixin(ModelAttributes):
     config_class: type[PretrainedConfig]
     # Which tower the class is ("vision", "text"), or None for both towers.
     tower: str | None = None
@@ -268,27 +281,6 @@ class PretrainedMixin:
     def main_input_name(self) -> str:
         """As transformers: "pixel_values" for vision towers, "input_ids" for text towers and dual encoders."""
         return "pixel_values" if self.tower == "vision" else "input_ids"
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the parameters, as transformers' ``model.device`` (e.g. ``inputs.to(model.device)``)."""
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the first floating-point parameter, as transformers' ``model.dtype``."""
-        return next(p.dtype for p in self.parameters() if p.is_floating_point())
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Parameters held by this process (under tensor parallelism: this rank's shards), as transformers counts
-        them; every parameter is frozen, so ``only_trainable`` counts those a caller unfroze."""
-        skip = set()
-        if exclude_embeddings:
-            skip = {id(m.weight) for m in self.modules() if isinstance(m, VocabParallelEmbedding)}
-            skip |= {id(m.position_embedding) for m in self.modules() if hasattr(m, "position_embedding")}
-        return sum(
-            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
-        )
 
     def get_input_embeddings(self) -> nn.Module:
         """The text tower's token embedding, or the vision tower's patch embedding module. Dual encoders do as
@@ -452,7 +444,15 @@ class PretrainedMixin:
         are those of :func:`vitriton.from_pretrained`, transformers' ``TRANSFORMERS_OPTIONS`` among them; a tower
         class takes its tower out of a full CLIP/SigLIP or LLaVA checkpoint."""
         lookup, config, device = hub_options(kwargs)
-        if device is not None and kwargs.get("device") is None:
+        unknown = sorted(set(kwargs) - set(inspect.signature(cls.build).parameters))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+            )
+        if device is not None:
+            asked = kwargs.get("device")
+            if asked is not None and torch.device(asked) != torch.device(device):
+                raise ValueError(f"device={asked!r} and device_map={device!r} name different devices; pass one")
             kwargs["device"] = device
         directory = resolve_checkpoint(path, **lookup)
         if config is None:

@@ -33,7 +33,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -289,6 +294,18 @@ class EncoderLayer(nn.Module):
         return self.mlp(normed, pending, symmetric_result[1]), residual
 
 
+def called_as_module(module: nn.Module) -> bool:
+    """Whether ``module(...)`` does more than its class's ``forward``: hooks of its own (forward, backward, or
+    their pre-hooks), or a ``forward`` set on the instance."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
 class EncoderOutput:
     """What :class:`Encoder` returns: the last ``(delta, residual)`` pair, the recorded hidden states in the
     order asked, and the attention weights of the layers that ran (or None)."""
@@ -358,12 +375,14 @@ class Encoder(nn.Module):
         )
 
     def layer_hooks(self, depth: int) -> list[bool]:
-        """Per layer of the first ``depth``, whether a forward hook or pre-hook (its own, or a global one) must see
-        it called as a module; the other layers run their ``step`` directly, without the module call's cost."""
-        if _global_forward_hooks or _global_forward_pre_hooks:
+        """Per layer of the first ``depth``, whether it must be called as a module: a forward or backward hook or
+        pre-hook (its own, or a global one) must see it, or its ``forward`` was replaced on the instance (as
+        accelerate's hooks do). The other layers run their ``step`` directly, without the module call's cost."""
+        hooks = (_global_forward_hooks, _global_forward_pre_hooks, _global_backward_hooks, _global_backward_pre_hooks)
+        if any(hooks):
             return [True] * depth
         layers = itertools.islice(self.layers, depth)  # a slice of a ModuleList builds a new one
-        return [bool(layer._forward_hooks or layer._forward_pre_hooks) for layer in layers]
+        return [called_as_module(layer) for layer in layers]
 
     def symmetric_results(self, depth: int, chunks: int) -> list[tuple[str | None, str | None]]:
         """Per layer, what its attention's and MLP's reduces do with symmetric memory
@@ -471,7 +490,32 @@ def interpreter_guard(dtype: torch.dtype, device: torch.device) -> contextlib.Ab
     return contextlib.nullcontext()
 
 
-class Tower(nn.Module):
+class ModelAttributes:
+    """What code around a transformers model reads off it, for vitriton's towers and model classes alike."""
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters, as transformers' ``model.device`` (e.g. ``inputs.to(model.device)``)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter, as transformers' ``model.dtype``."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters held by this process (under tensor parallelism: this rank's shards), as transformers counts
+        them; every parameter is frozen, so ``only_trainable`` counts those a caller unfroze."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, VocabParallelEmbedding)}
+            skip |= {id(m.position_embedding) for m in self.modules() if hasattr(m, "position_embedding")}
+        return sum(
+            p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
+
+
+class Tower(ModelAttributes, nn.Module):
     """What the vision and text towers share: transformers' output options with their config defaults, the
     plan of which layers run and which hidden states are kept, and automatic CUDA graphs (``auto_graphs``,
     vitriton.graphs)."""
@@ -826,6 +870,7 @@ class VisionTransformer(Tower):
     runs that call's attention through transformers' eager formula to return the weights.
     """
 
+    main_input_name = "pixel_values"
     class_token: bool = True
     conv_bias: bool = False
     pre_norm: bool = True
@@ -883,6 +928,10 @@ class VisionTransformer(Tower):
             head = self.forward_head(encoded) if depth == self.encoder.num_hidden_layers else None
         return self.output(encoded, head, return_dict)
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch-embedding module (weight ``patch_weight``), where transformers gives its ``Conv2d``."""
+        return self.embeddings
+
     def forward_head(self, encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(last_hidden_state, pooler_output)`` from the encoder's last ``(delta, residual)``."""
         if self.norm_all_tokens:
@@ -900,6 +949,7 @@ class TextTransformer(Tower):
     ``feature_layers``; ``attention_mask`` is the tokenizer's 2-d (batch, seq) mask of 1s and 0s.
     """
 
+    main_input_name = "input_ids"
     causal: bool = False
     encoder_cls: type[Encoder] = Encoder
 
@@ -968,6 +1018,10 @@ class TextTransformer(Tower):
             if isinstance(position_ids, torch.Tensor):
                 positions = position_ids.reshape(-1, position_ids.shape[-1])
             self.embeddings.check(ids, positions)
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding, as transformers' text model gives it."""
+        return self.embeddings.token_embedding
 
     def forward_head(self, encoded: EncoderOutput, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last, _ = self.final_layer_norm(encoded.delta, encoded.residual)

@@ -74,9 +74,13 @@ def check_activation(activation: str | None) -> None:
 # output's rounding (``BF16X2_MATH``). One H100, the persistent kernel's 128x256 tile against cuBLAS F.linear + bias
 # (benchmarks/sweep_matmul.py --tanh, results/h100/session21/sweep_forms/sweep.log), "bf16x2" -> "bf16x2_math":
 # L/14-336 fc1 b128 0.89x -> 0.91x, so400m b128 0.88x -> 0.90x, so400m b8 0.94x -> 0.97x, H/14 and bigG b128 level
-# (0.91x, 0.89x); relative error 3.6e-3 -> 2.5-2.8e-3. What is left is the epilogue's place after the main loop: a
-# 128x256 tile's 16,384 bf16x2 tanh take 1,024 cycles of the SM's 16 special-function lanes, against 16,384 cycles
-# of its MMAs, and this kernel runs them in series (the same shape with the bias alone: 0.854 ms against 0.917).
+# (0.91x, 0.89x). Its extra roundings move the result toward transformers' bf16 eager one (relative distance to it
+# 3.6e-3 -> 2.5-2.8e-3, the sweep's err) and away from the exact activation: emulated on N(0, 1) fp32
+# pre-activations, quick_gelu's error against fp32 goes 1.9e-3 -> 3.3e-3, where transformers' bf16 run's own is
+# 2.8e-3 and rounding alone 1.7e-3, inside the bound of the parity tests (2x transformers' bf16 error). What is
+# left is the epilogue's place after the main loop: a 128x256 tile's 16,384 bf16x2 tanh take 1,024 cycles of the
+# SM's 16 special-function lanes, against 16,384 cycles of its MMAs, and this kernel runs them in series (the same
+# shape with the bias alone: 0.854 ms against 0.917).
 TANH_FORMS = ("f32", "bf16x2", "bf16x2_math", "sigmoid")
 # GELU_AS_TANH: where TANH is "bf16x2" or "bf16x2_math", the exact (erf) gelu is evaluated as gelu_pytorch_tanh. The two
 # differ by at most 4.7e-4 (at x = -2.70), under the error of the bf16x2 tanh itself, while libdevice's erf is a
@@ -109,7 +113,7 @@ def tanh_form(dtype: torch.dtype, arch: int) -> str:
     instruction: ``tanh.approx.bf16x2`` needs sm_90 (both bf16 forms), ``tanh.approx.f32`` sm_75; older GPUs take
     the next form."""
     form = FAST_TANH.get(dtype, "sigmoid")
-    if form in GELU_AS_TANH and arch < 90:
+    if form in GELU_AS_TANH and (arch < 90 or dtype != torch.bfloat16):  # the bf16 forms round to bf16
         form = "f32"
     if form == "f32" and arch < 75:
         form = "sigmoid"
