@@ -589,7 +589,21 @@ def _structure_of(modules: list[nn.Module]) -> tuple:
     )
 
 
-def _global_hooks() -> bool:
+def called_as_module(module: nn.Module) -> bool:
+    """Whether ``module(...)`` does more than its class's ``forward``: hooks of its own (the kinds ``_HOOKS``
+    reads), or a ``forward`` set on the instance. Plain attribute reads, which dynamo traces (not ``_HOOKS``'
+    attrgetters)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def global_hooks() -> bool:
+    """Whether the process has global module hooks (forward, backward, or their pre-hooks)."""
     return bool(
         _module._global_forward_hooks
         or _module._global_forward_pre_hooks
@@ -764,7 +778,7 @@ class AutoGraphs:
         """Why a replay's result must not be used: a hook, which the replay skipped, or a change to the modules
         that no registration hook reports (a class swapped, a forward set on an instance, a submodule deleted).
         Runs after the replay is launched, while the GPU runs it; the call then runs eagerly."""
-        if _global_hooks():
+        if global_hooks():
             return "a global module hook is registered; replays would skip it"
         for hooks in _HOOKS:
             if any(map(hooks, self._modules)):
@@ -887,7 +901,7 @@ def _traced_through(handle: str) -> bool:
 def _hooked(tower: nn.Module) -> bool:
     """Whether a submodule of ``tower``, or the process, has module hooks (the kinds ``_HOOKS`` reads)."""
     submodules = [module for module in tower.modules() if module is not tower]
-    return _global_hooks() or any(any(map(hooks, submodules)) for hooks in _HOOKS)
+    return global_hooks() or any(any(map(hooks, submodules)) for hooks in _HOOKS)
 
 
 @functools.lru_cache(maxsize=256)

@@ -70,30 +70,29 @@ def patch(
             )
         return enable_cuda_graphs(model, cuda_graphs)
     for name, module in found:
-        built = accelerate(module, process_group=process_group, parallel=parallel)
+        tower = accelerate(module, process_group=process_group, parallel=parallel)
         if name:
             owner, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(owner), attribute, getattr(built, TOWERS[type(module)][1]))
+            setattr(model.get_submodule(owner), attribute, tower)
         else:
             # The model is the tower: the same object becomes vitriton's tower, which keeps transformers 5.17's
             # layout of these classes (embeddings, encoder, ... as children) and its model attributes (device,
             # dtype, get_input_embeddings, ...), so the caller's reference works.
-            tower = getattr(built, TOWERS[type(module)][1])
             model.__class__ = type(tower)
             model.__dict__ = tower.__dict__
     return enable_cuda_graphs(model, cuda_graphs)
 
 
 def accelerate(module: nn.Module, *, process_group: ProcessGroup | None, parallel: str) -> nn.Module:
-    """vitriton's model of the class matching a transformers tower model, built from it and sharing its tensors
-    (its tower wrapped for data parallelism when asked); the tower is its ``TOWERS`` attribute."""
-    model_cls, _ = TOWERS[type(module)]
+    """vitriton's tower for one transformers tower, sharing its tensors (wrapped for data parallelism when asked)."""
+    model_cls, attribute = TOWERS[type(module)]
     parameter = next(module.parameters())
     built = model_cls.from_transformers(
         module, dtype=parameter.dtype, device=parameter.device, process_group=process_group, parallel=parallel
     )
+    tower = getattr(built, attribute)
     with torch.no_grad():
-        for tensor in built.parameters():
+        for tensor in tower.parameters():
             if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
                 tensor.data = tensor.data.clone()
-    return built
+    return tower

@@ -33,16 +33,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
-from torch.nn.modules.module import (
-    _global_backward_hooks,
-    _global_backward_pre_hooks,
-    _global_forward_hooks,
-    _global_forward_pre_hooks,
-)
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vitriton.graphs import AutoGraphs, replayable
+from vitriton.graphs import AutoGraphs, called_as_module, global_hooks, replayable
 from vitriton.kernels._dispatch import autograd_records, eager_mode, eager_override, interpreting
 from vitriton.kernels.attention import allowed_keys, attention
 from vitriton.kernels.layernorm import layer_norm
@@ -294,18 +289,6 @@ class EncoderLayer(nn.Module):
         return self.mlp(normed, pending, symmetric_result[1]), residual
 
 
-def called_as_module(module: nn.Module) -> bool:
-    """Whether ``module(...)`` does more than its class's ``forward``: hooks of its own (forward, backward, or
-    their pre-hooks), or a ``forward`` set on the instance."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in module.__dict__
-    )
-
-
 class EncoderOutput:
     """What :class:`Encoder` returns: the last ``(delta, residual)`` pair, the recorded hidden states in the
     order asked, and the attention weights of the layers that ran (or None)."""
@@ -378,8 +361,7 @@ class Encoder(nn.Module):
         """Per layer of the first ``depth``, whether it must be called as a module: a forward or backward hook or
         pre-hook (its own, or a global one) must see it, or its ``forward`` was replaced on the instance (as
         accelerate's hooks do). The other layers run their ``step`` directly, without the module call's cost."""
-        hooks = (_global_forward_hooks, _global_forward_pre_hooks, _global_backward_hooks, _global_backward_pre_hooks)
-        if any(hooks):
+        if global_hooks():
             return [True] * depth
         layers = itertools.islice(self.layers, depth)  # a slice of a ModuleList builds a new one
         return [called_as_module(layer) for layer in layers]
