@@ -18,9 +18,12 @@
 # forms: the linear kernels' GPU tests, full-size bf16 parity of every reference model, and fc1 and qkv of every
 # encoder at batch 1, 8 and 128 against cuBLAS, cuBLASLt's GELU epilogue and the former bf16 activation form;
 # b128: batch-128 throughput of the three reference vision towers against transformers sdpa and both
-# torch.compile modes.
+# torch.compile modes, with the (delta, residual) pair path beside the single-rank stream (A/B), then batch 1 of the
+# four reference models, both paths, against transformers compiled with reduce-overhead;
+# stream: the GPU tests of the LayerNorm kernel, the encoders, graphs and patch, then the per-op breakdown of a
+# ViT-L/14-336 batch-128 forward on the single-rank stream and on the pair path, and of so400m's.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms or b128}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128 or stream}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -108,9 +111,25 @@ forms)
     grep -E "b1 |b8 |b128 |cublas|vitriton" "$out/gemm.log" | cut -c1-140 | head -120
     ;;
 b128)
-    run b128 560 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
-        --batch-sizes 128 --providers vitriton vitriton-graphs hf-sdpa hf-compile hf-compile-ro --out "$out/b128"
+    run b128 400 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
+        --batch-sizes 128 --providers vitriton vitriton-pair vitriton-graphs hf-sdpa hf-compile hf-compile-ro \
+        --out "$out/b128"
+    run b1 170 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 clip-vit-b16-224 \
+        clip-text-l14 --batch-sizes 1 --providers vitriton vitriton-pair hf-compile-ro --baseline hf-compile-ro \
+        --seconds 0.2 --out "$out/b1"
     grep -E " b128 |ratio" "$out/b128.log" | head -30
+    grep " b1 " "$out/b1.log"
+    ;;
+stream)
+    run gpu_tests 330 python3 -m pytest tests/kernels/test_layernorm.py tests/encoders tests/test_graphs.py \
+        tests/test_patch.py -m gpu -q -p no:cacheprovider
+    run profile_ops 150 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
+        --providers vitriton vitriton-pair
+    run profile_ops_so400m 100 python3 -m benchmarks.profile_ops --model siglip-so400m-384 --batch 128 \
+        --providers vitriton
+    tail -3 "$out/gpu_tests.log"
+    tail -45 "$out/profile_ops.log"
+    tail -20 "$out/profile_ops_so400m.log"
     ;;
 compile)
     run gpu_tests_compile 200 python3 -m pytest tests/encoders/test_compile.py -m gpu -q -p no:cacheprovider

@@ -309,6 +309,23 @@ def build_vitriton(ctx: BuildContext) -> Encoder:
     return model if ctx.device.type == "cuda" else _eager(model)
 
 
+def build_vitriton_pair(ctx: BuildContext) -> Encoder:
+    """vitriton as loaded with its single-rank residual stream off: the (delta, residual) pair path (A/B of
+    ``Encoder.forward_accumulated``)."""
+    from vitriton.encoders import trunk
+
+    model = _vitriton_model(ctx)
+
+    def run(inputs: torch.Tensor) -> Any:
+        saved, trunk.ACCUMULATE_RESIDUAL = trunk.ACCUMULATE_RESIDUAL, False
+        try:
+            return model(inputs)
+        finally:
+            trunk.ACCUMULATE_RESIDUAL = saved
+
+    return run
+
+
 def build_vitriton_nographs(ctx: BuildContext) -> Encoder:
     return _vitriton_model(ctx, cuda_graphs=False)
 
@@ -354,6 +371,8 @@ PROVIDERS: dict[str, Provider] = {
                  build_vitriton_nographs, uses_vitriton=True, shards=True),
         Provider("vitriton-graphs", "vitriton replayed from CUDA graphs, one per batch size",
                  build_vitriton_graphs, uses_vitriton=True, needs_cuda=True, shards=True),
+        Provider("vitriton-pair", "vitriton as loaded, the residual stream carried as a (delta, residual) pair as "
+                 "under tensor parallelism (A/B of the single-rank stream)", build_vitriton_pair, uses_vitriton=True),
         Provider("vitriton-eager", "vitriton's module graph on eager torch ops (A/B of the kernels)",
                  build_vitriton_eager, uses_vitriton=True, shards=True),
         Provider("hf-eager", "transformers, attn_implementation='eager'",

@@ -5,6 +5,8 @@ On CPU the ops run the Triton kernels through the interpreter (tests/conftest.py
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -12,8 +14,9 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 import vitriton
 from tests.encoders import models
+from vitriton.encoders import trunk
 from vitriton.encoders.clip import CLIPVisionTransformer
-from vitriton.parallel import Weights
+from vitriton.parallel import RowParallelLinear, Weights
 
 
 def assert_matches(ours: torch.Tensor, ref: torch.Tensor, what: str = "") -> None:
@@ -291,3 +294,80 @@ def test_llava_checkpoints_both_layouts(clip_pair, tmp_path):
         tower = vitriton.CLIPVisionModel.from_pretrained(path, feature_layers=-2)
         assert len(tower.vision_model.encoder.layers) == 1  # the last layer is never loaded
         assert_matches(tower(px, feature_layers=-2).hidden_states[0], ref, path.name)
+
+
+def count_accumulates(monkeypatch) -> list[int]:
+    """Counts ``RowParallelLinear.accumulate`` calls: the single-rank stream path's projections."""
+    calls, original = [], RowParallelLinear.accumulate
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RowParallelLinear, "accumulate", counted)
+    return calls
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_single_rank_stream_against_the_pair(family, clip_pair, siglip_pair, monkeypatch):
+    """One rank carries the residual stream with the biases travelling to the LayerNorms as shifts
+    (``Encoder.forward_accumulated``); tensor parallelism's (delta, residual) pair gives the same outputs, hidden
+    states and attention weights, and both match transformers."""
+    hf, _, ours = clip_pair if family == "clip" else siglip_pair
+    px, (ids, mask) = models.pixels(2, 40 if family == "clip" else 35, seed=4), models.text(2, 9, seed=4)
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    calls = count_accumulates(monkeypatch)
+    stream = ours(input_ids=ids, pixel_values=px, attention_mask=mask, **kwargs)
+    layers = len(ours.vision_model.encoder.layers) + len(ours.text_model.encoder.layers)
+    assert len(calls) == 2 * layers
+    monkeypatch.setattr(trunk, "ACCUMULATE_RESIDUAL", False)
+    calls.clear()
+    pair = ours(input_ids=ids, pixel_values=px, attention_mask=mask, **kwargs)
+    assert not calls
+    ref = hf(input_ids=ids, pixel_values=px, attention_mask=mask, **kwargs)
+    for tower in ("vision_model_output", "text_model_output"):
+        ours_stream, ours_pair = stream[tower], pair[tower]
+        assert_matches(ours_stream.last_hidden_state, ours_pair.last_hidden_state, f"{tower} last_hidden_state")
+        assert_matches(ours_stream.pooler_output, ours_pair.pooler_output, f"{tower} pooler_output")
+        for key in ("hidden_states", "attentions"):
+            for i, (a, b) in enumerate(zip(ours_stream[key], ours_pair[key], strict=True)):
+                assert_matches(a, b, f"{tower} {key}[{i}]")
+        assert_pooled_output(ours_stream, ref[tower], tower)
+
+
+@torch.no_grad()
+def test_biases_changed_in_place_reach_the_stream(clip_pair):
+    """The carried biases are summed on every call, so a bias changed in place (a merged adapter, a loaded
+    state dict) changes the output as it does transformers'."""
+    hf, path, _ = clip_pair
+    ours, hf = vitriton.from_pretrained(path), copy.deepcopy(hf)
+    px = models.pixels(2, 40, seed=6)
+    before = ours.get_image_features(px).pooler_output
+    # Not the same change in every column: the LayerNorms after a bias would cancel that, up to rounding.
+    changes = torch.randn(2, ours.config.vision_config.hidden_size, generator=torch.Generator().manual_seed(6))
+    for model in (ours, hf):
+        layers = model.vision_model.encoder.layers
+        layers[0].mlp.fc2.bias.add_(changes[0])
+        layers[-1].self_attn.out_proj.bias.sub_(changes[1])
+    after = ours.get_image_features(px).pooler_output
+    assert (after - before).abs().max() > 1e-2
+    assert_matches(after, hf.get_image_features(px).pooler_output, "image features after the bias change")
+
+
+@torch.no_grad()
+def test_a_hook_inside_a_layer_sees_its_module_called(clip_pair, monkeypatch):
+    """A hook on a module inside a layer (here fc2) runs: that forward takes the (delta, residual) pair path,
+    whose modules are called as modules."""
+    hf, _, ours = clip_pair
+    seen = []
+    fc2 = ours.vision_model.encoder.layers[1].mlp.fc2
+    handle = fc2.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    calls = count_accumulates(monkeypatch)
+    try:
+        px = models.pixels(2, 40, seed=7)
+        out = ours.vision_model(px)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and not calls
+    assert_matches(out.pooler_output, hf.vision_model(px).pooler_output, "pooler_output with a hook on fc2")

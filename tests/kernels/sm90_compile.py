@@ -196,17 +196,26 @@ def attention_cases() -> Iterator[Case]:
 
 
 def layer_norm_cases() -> Iterator[Case]:
-    """Residual add + LayerNorm at widths 768, 1152 and 1664, with and without the residual."""
-    for width, residual in ((768, False), (1152, True), (1664, True)):
+    """Residual add + LayerNorm at widths 768, 1152 and 1664, with and without the residual, and with an fp32
+    shift (the encoder's carried biases) at 1024 and 1152."""
+    for width, form in ((768, None), (1152, "residual"), (1664, "residual"), (1024, "shift"), (1152, "shift")):
         block_m, block_n, num_warps = layernorm.layer_norm_config(width, 2)
         types = {name: "*bf16" for name in ("x_ptr", "residual_ptr", "weight_ptr", "bias_ptr", "out_ptr")}
         types.update(residual_out_ptr="*bf16", **strides("x_row", "residual_row", "out_row", "residual_out_row"))
         types.update(M="i32", N="i32", eps="fp32")
+        if form == "shift":
+            types.update(residual_ptr="*fp32")
         yield Case(
-            f"layer_norm N{width}{' + residual' if residual else ''}",
+            f"layer_norm N{width}{'' if form is None else ' + ' + form}",
             layernorm._add_layer_norm_fwd_kernel,
             types,
-            dict(HAS_RESIDUAL=residual, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n),
+            dict(
+                HAS_RESIDUAL=form is not None,
+                STORE_RESIDUAL=form == "residual",
+                HAS_BIAS=True,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+            ),
             dict(num_warps=num_warps),
         )
 

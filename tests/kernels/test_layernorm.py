@@ -76,6 +76,65 @@ def test_matches_reference_full_size(dtype: torch.dtype, n_cols: int, has_residu
     check_launcher(*make_inputs((GPU_ROWS, n_cols), dtype, has_residual=has_residual, has_bias=has_bias))
 
 
+def check_shift(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> None:
+    """The shift form into a NaN-poisoned buffer against fp32 math on the rounded sum (which the kernel
+    normalises, as transformers normalises its rounded hidden state)."""
+    out_buffer = poisoned(x.shape, x.dtype, x.device)
+    out, residual_out = layer_norm_triton(x, weight, bias, EPS, shift=shift, out=out_buffer)
+    assert out is out_buffer and residual_out is None
+    summed = (x.float() + shift.float()).to(x.dtype).float()
+    want = torch.nn.functional.layer_norm(
+        summed, (x.shape[-1],), weight.float(), None if bias is None else bias.float(), EPS
+    ).to(x.dtype)
+    rtol, atol = TOLERANCES[x.dtype]
+    torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
+    ref_out, same = layer_norm_reference(x, weight, bias, EPS, shift=shift)
+    assert same is x
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shift_dtype", ["fp32", "x"])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("n_cols", CPU_COLS)
+@pytest.mark.parametrize("n_rows", CPU_ROWS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shift_matches_reference(dtype: torch.dtype, n_rows: int, n_cols: int, has_bias: bool, shift_dtype: str):
+    """``shift=``: a per-column vector (the encoder's carried biases, in fp32) added before the statistics."""
+    x, weight, bias, _ = make_inputs((n_rows, n_cols), dtype, has_residual=False, has_bias=has_bias)
+    shift = 3 * make_inputs((1, n_cols), torch.float32, has_residual=False, seed=5)[0][0]
+    check_shift(x, weight, bias, shift if shift_dtype == "fp32" else shift.to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_cols", GPU_COLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shift_matches_reference_full_size(dtype: torch.dtype, n_cols: int) -> None:
+    x, weight, bias, _ = make_inputs((GPU_ROWS, n_cols), dtype, has_residual=False)
+    check_shift(x, weight, bias, 3 * make_inputs((1, n_cols), torch.float32, has_residual=False, seed=5)[0][0])
+
+
+def test_shift_strided_rows_and_public_function() -> None:
+    x, weight, bias, _ = make_inputs((9, 2 * 72), torch.float32, has_residual=False)
+    _, weight, bias, _ = make_inputs((1, 72), torch.float32)
+    shift = make_inputs((1, 2 * 72), torch.float32, has_residual=False, seed=3)[0][0]
+    check_shift(x[:, 72:], weight, bias, shift[::2])  # rows of stride 144 read in place; a strided shift copied
+    x3 = x[:, :72].reshape(3, 3, 72)
+    out, same = layer_norm(x3, weight, bias, EPS, shift=shift[:72])
+    assert same is x3 and out.shape == x3.shape
+    want, _ = layer_norm_reference(x3, weight, bias, EPS, shift=shift[:72])
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_shift_rejects_bad_arguments() -> None:
+    x, weight, bias, residual = make_inputs((4, 32), torch.float32)
+    with pytest.raises(ValueError, match="a residual or a shift, not both"):
+        layer_norm(x, weight, bias, EPS, residual, shift=bias)
+    with pytest.raises(ValueError, match="shift is"):
+        layer_norm(x, weight, bias, EPS, shift=bias[:16])
+    with pytest.raises(ValueError, match="shift is"):
+        layer_norm_triton(x, weight, bias, EPS, shift=torch.ones(32, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_public_function_3d(dtype: torch.dtype) -> None:
     x, weight, bias, residual = make_inputs((3, 5, 72), dtype)
@@ -148,18 +207,23 @@ def test_rejects_mismatched_shapes() -> None:
         layer_norm(x, weight, bias, EPS, residual.half())
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("op", ["layer_norm", "layer_norm_shift", "add_layer_norm"])
 def test_opcheck(op: str) -> None:
     x, weight, bias, residual = make_inputs((5, 40), torch.float32)
-    args = (x, weight, bias, EPS) if op == "layer_norm" else (x, residual, weight, bias, EPS)
-    torch.library.opcheck(getattr(torch.ops.vitriton, op), args)
+    args = {
+        "layer_norm": (x, weight, bias, EPS, None),
+        "layer_norm_shift": (x, weight, bias, EPS, residual[0]),
+        "add_layer_norm": (x, residual, weight, bias, EPS),
+    }[op]
+    torch.library.opcheck(getattr(torch.ops.vitriton, op.removesuffix("_shift")), args)
 
 
 def _compile_and_compare(backend: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     def block(x, residual, weight, bias):
         out, residual_out = layer_norm(x, weight, bias, EPS, residual)
         normed, same = layer_norm(residual_out, weight, None, EPS)
-        return out, residual_out, normed, same
+        shifted, _ = layer_norm(residual_out, weight, bias, EPS, shift=bias.float())
+        return out, residual_out, normed, same, shifted
 
     x, weight, bias, residual = make_inputs(shape, dtype)
     compiled = torch.compile(block, backend=backend, fullgraph=True, dynamic=False)

@@ -1,9 +1,13 @@
 """One pre-norm transformer trunk; CLIP and SigLIP (clip.py, siglip.py) are presets on it.
 
-The residual stream is carried as a pair ``(delta, residual)``: each sub-block returns only its delta, and the
-next LayerNorm adds it to the residual in the same pass that normalises (``layer_norm``), so no layer spends a
-separate pass on ``hidden = residual + delta``. The full hidden state is materialised only where it is returned
-(``output_hidden_states``, ``feature_layers``, the last layer).
+On one rank the residual stream is one tensor that the out projection and fc2 add into through cuBLAS's C operand
+(``RowParallelLinear.accumulate``), without their biases: cuBLAS adds a residual or a bias vector, not both. The
+biases' running sums travel as per-column shifts to the next LayerNorm (``layer_norm(shift=)``), which reads the
+stream once and writes the normalised copy once (``Encoder.forward_accumulated``). Under tensor parallelism the
+stream is carried as a pair ``(delta, residual)``: each sub-block returns its delta, reduced over the ranks, and
+the next LayerNorm adds it to the residual in the same pass that normalises, which reads two tensors and writes
+two. Either way the full hidden state is materialised only where it is returned (``output_hidden_states``,
+``feature_layers``, the last layer).
 
 The vision tower's patch embedding is one GEMM over the image's non-overlapping patches (``PatchEmbeddings``) rather
 than transformers' strided convolution, which cuDNN runs several times slower at these shapes.
@@ -59,7 +63,8 @@ from vitriton.parallel.group import ProcessGroup
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm that optionally adds a residual first: ``forward(x, residual) -> (normed, x + residual)``."""
+    """LayerNorm that optionally adds a residual first: ``forward(x, residual) -> (normed, x + residual)``; or a
+    per-column ``shift``, not returned: ``forward(x, shift=shift) -> (normed, x)``."""
 
     def __init__(self, prefix: str, weights: Weights, hidden_size: int, eps: float):
         super().__init__()
@@ -67,12 +72,14 @@ class LayerNorm(nn.Module):
         self.bias = frozen(weights.get_tensor(join(prefix, "bias"), shape=(hidden_size,)))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, shift: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype != self.weight.dtype:
             # Only under autocast: a linear's low-precision output joins the residual stream, which stays in the
             # weights' dtype as it does in transformers under autocast (LayerNorm runs in fp32 there).
             x = x.to(self.weight.dtype)
-        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual, shift=shift)
 
 
 def attention_with_weights(
@@ -142,14 +149,27 @@ class Attention(nn.Module):
         """Returns ``(out, weights)``; weights (all heads, gathered) only with ``output_attentions``.
         ``pending``: the out projection's all-reduce is started, not waited for (``all_reduce``);
         ``symmetric_result``: see ``RowParallelLinear.forward``."""
+        out, weights = self.attend(
+            x, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
+        )
+        return self.out_proj(out, pending, symmetric_result), weights
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything before the out projection: ``(heads (B, S, local heads * head_dim), weights or None)``."""
         q, k, v = self.qkv(x)
         if output_attentions:
             out, weights = attention_with_weights(
                 q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask
             )
-            return self.out_proj(out, pending, symmetric_result), gather_heads(weights, self.out_proj.process_group)
-        out = attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask)
-        return self.out_proj(out, pending, symmetric_result), None
+            return out, gather_heads(weights, self.out_proj.process_group)
+        return attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask), None
 
 
 # transformers activations that are a fused one written another way (ACT2FN's gelu_new and gelu_fast are the tanh
@@ -182,10 +202,12 @@ class MLP(nn.Module):
     def forward(
         self, x: torch.Tensor, pending: list | None = None, symmetric_result: str | None = None
     ) -> torch.Tensor:
+        return self.fc2(self.inner(x), pending, symmetric_result)
+
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """fc1 and the activation: what fc2 takes."""
         inner = self.fc1(x, self.activation)
-        if self.separate_activation is not None:
-            inner = self.separate_activation(inner)
-        return self.fc2(inner, pending, symmetric_result)
+        return inner if self.separate_activation is None else self.separate_activation(inner)
 
 
 def activation_module(act) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
@@ -269,6 +291,28 @@ class EncoderLayer(nn.Module):
         delta, residual = self.mlp_block(delta, residual, symmetric_result=symmetric_result)
         return delta, residual, weights
 
+    def accumulate(
+        self,
+        stream: torch.Tensor,
+        shifts: tuple[torch.Tensor | None, torch.Tensor],
+        *,
+        owned: bool,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer on one rank's residual stream held without the out projection's and fc2's biases
+        (``Encoder.forward_accumulated``): the hidden state before LN1 is ``stream + shifts[0]`` (None: no shift),
+        before LN2 ``stream + shifts[1]``. Both projections add into the stream, the first in place only when the
+        stream is ``owned`` (the encoder's, not its caller's). Returns ``(stream, attention weights or None)``."""
+        normed, _ = self.layer_norm1(stream, shift=shifts[0])
+        heads, weights = self.self_attn.attend(
+            normed, causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions
+        )
+        stream = self.self_attn.out_proj.accumulate(heads, stream, in_place=owned)
+        normed, _ = self.layer_norm2(stream, shift=shifts[1])
+        return self.mlp.fc2.accumulate(self.mlp.inner(normed), stream, in_place=True), weights
+
     def attention_block(
         self, delta: torch.Tensor, residual: torch.Tensor | None, pending: list, symmetric_result=(None, None), **masks
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,17 +334,33 @@ class EncoderLayer(nn.Module):
 
 
 class EncoderOutput:
-    """What :class:`Encoder` returns: the last ``(delta, residual)`` pair, the recorded hidden states in the
-    order asked, and the attention weights of the layers that ran (or None)."""
+    """What :class:`Encoder` returns: the last hidden state as ``delta + residual`` (residual None: delta alone)
+    or, from ``forward_accumulated``, as ``delta + shift``; the recorded hidden states in the order asked, and the
+    attention weights of the layers that ran (or None)."""
 
-    __slots__ = ("delta", "residual", "hidden_states", "attentions")
+    __slots__ = ("delta", "residual", "shift", "hidden_states", "attentions")
 
-    def __init__(self, delta, residual, hidden_states, attentions):
-        self.delta, self.residual = delta, residual
+    def __init__(self, delta, residual, hidden_states, attentions, shift=None):
+        self.delta, self.residual, self.shift = delta, residual, shift
         self.hidden_states, self.attentions = hidden_states, attentions
 
     def last(self) -> torch.Tensor:
+        if self.shift is not None:
+            return shifted(self.delta, self.shift)
         return self.delta if self.residual is None else self.delta + self.residual
+
+    def normed(self, norm: LayerNorm) -> torch.Tensor:
+        """``norm`` of the last hidden state, the pending add fused into it."""
+        if self.shift is not None:
+            return norm(self.delta, shift=self.shift)[0]
+        return norm(self.delta, self.residual)[0]
+
+
+def shifted(stream: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``stream + shift`` in the stream's dtype, one rounding (the shift may be wider)."""
+    if autograd_records(stream, shift):
+        return (stream + shift).to(stream.dtype)
+    return torch.add(stream, shift, out=torch.empty_like(stream))
 
 
 class Encoder(nn.Module):
@@ -333,12 +393,14 @@ class Encoder(nn.Module):
         hooked = self.layer_hooks(depth)
         if chunks > 1 and record is None and not output_attentions and not any(hooked):
             return self.forward_overlapped(hidden, depth, chunks, causal=causal, key_padding_mask=key_padding_mask)
+        masks = dict(causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions)
+        if self.accumulates(hidden, depth, hooked):
+            return self.forward_accumulated(hidden, depth, record, **masks)
         wanted = set(record or ())
         states = {0: hidden} if 0 in wanted else {}
         attentions = []
         delta, residual = hidden, None
         results = self.symmetric_results(depth, 1)
-        masks = dict(causal=causal, key_padding_mask=key_padding_mask, output_attentions=output_attentions)
         for index in range(depth):
             layer = self.layers[index]
             if hooked[index]:
@@ -355,6 +417,49 @@ class Encoder(nn.Module):
             residual,
             None if record is None else tuple(states[i] for i in record),
             tuple(attentions) if output_attentions else None,
+        )
+
+    def accumulates(self, hidden: torch.Tensor, depth: int, hooked: list[bool]) -> bool:
+        """Whether ``forward_accumulated`` runs: on one rank (the tensor-parallel reduces need the deltas apart),
+        outside autocast (the stream keeps the weights' dtype there, the GEMMs do not), and while neither a layer
+        nor any module inside one is called as a module (hooks on the projections or the MLP see their calls
+        only through ``EncoderLayer.step``). ``ACCUMULATE_RESIDUAL`` False turns it off (A/B runs)."""
+        if not ACCUMULATE_RESIDUAL or depth == 0 or any(hooked):
+            return False
+        fc2 = self.layers[0].mlp.fc2
+        if get_world_size(fc2.process_group) > 1 or torch.is_autocast_enabled(hidden.device.type):
+            return False
+        if hidden.dtype != fc2.weight.dtype:
+            return False
+        return not any(called_as_module(m) for layer in itertools.islice(self.layers, depth) for m in layer.modules())
+
+    def forward_accumulated(
+        self, hidden: torch.Tensor, depth: int, record: Sequence[int] | None, **masks
+    ) -> EncoderOutput:
+        """``forward`` on one rank's residual stream alone (``EncoderLayer.accumulate``): the out projections and
+        fc2 add into it without their biases, whose running sums (fp32, one cumulative sum of them all per call, so
+        biases changed in place count) are the shifts the LayerNorms add. Each LayerNorm reads one tensor and
+        writes one, where ``step``'s reads two and writes two; the GEMMs read the stream as their C operand."""
+        layers = list(itertools.islice(self.layers, depth))
+        shifts = bias_sums(
+            [p for layer in layers for p in (layer.self_attn.out_proj, layer.mlp.fc2)], hidden.shape[-1], hidden
+        )
+        wanted = set(record or ())
+        states = {0: hidden} if 0 in wanted else {}
+        attentions = []
+        stream, shift = hidden, None
+        for index, layer in enumerate(layers):
+            stream, weights = layer.accumulate(stream, (shift, shifts[2 * index]), owned=index > 0, **masks)
+            shift = shifts[2 * index + 1]
+            attentions.append(weights)
+            if index + 1 in wanted:
+                states[index + 1] = shifted(stream, shift)
+        return EncoderOutput(
+            stream,
+            None,
+            None if record is None else tuple(states[i] for i in record),
+            tuple(attentions) if masks["output_attentions"] else None,
+            shift=shift,
         )
 
     def layer_hooks(self, depth: int) -> list[bool]:
@@ -414,6 +519,16 @@ class Encoder(nn.Module):
             wait_all(reduces)
         residual = None if depth == 0 else torch.cat(residuals)
         return EncoderOutput(torch.cat(deltas), residual, None, None)
+
+
+# The single-rank forward on one residual stream (``Encoder.forward_accumulated``); False: the (delta, residual) pair.
+ACCUMULATE_RESIDUAL = True
+
+
+def bias_sums(projections: Sequence[RowParallelLinear], width: int, like: torch.Tensor) -> torch.Tensor:
+    """(len(projections), width) fp32: row i is the sum of the first i + 1 projections' biases (None: zeros)."""
+    biases = [like.new_zeros(width) if p.bias is None else p.bias for p in projections]
+    return torch.stack(biases).cumsum(0, dtype=torch.float32)
 
 
 def check_feature_layers(feature_layers) -> list[int]:
@@ -915,9 +1030,9 @@ class VisionTransformer(Tower):
         return self.embeddings
 
     def forward_head(self, encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(last_hidden_state, pooler_output)`` from the encoder's last ``(delta, residual)``."""
+        """``(last_hidden_state, pooler_output)`` from the encoder's output."""
         if self.norm_all_tokens:
-            last, _ = self.post_layernorm(encoded.delta, encoded.residual)
+            last = encoded.normed(self.post_layernorm)
             return last, None if self.head is None else self.head(last)
         last = encoded.last()
         pooled, _ = self.post_layernorm(last[:, 0])
@@ -1006,7 +1121,7 @@ class TextTransformer(Tower):
         return self.embeddings.token_embedding
 
     def forward_head(self, encoded: EncoderOutput, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        last, _ = self.final_layer_norm(encoded.delta, encoded.residual)
+        last = encoded.normed(self.final_layer_norm)
         return last, self.pool(last, input_ids)
 
     @staticmethod

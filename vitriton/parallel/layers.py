@@ -177,6 +177,19 @@ class RowParallelLinear(ReplicatedLinear):
                 return buffers.reduce(out, pending, copy=symmetric_result == "copy")
         return all_reduce(linear(x, weight, bias), self.process_group, pending)
 
+    def accumulate(self, x: torch.Tensor, residual: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """``residual + x @ weight.T``, without the bias, which the caller carries (the encoder's single-rank
+        stream, ``Encoder.forward_accumulated``): cuBLAS reads the residual as its C operand, so the sum costs no
+        pass of its own. ``in_place`` writes it into ``residual`` (contiguous); else into a new tensor. One rank
+        only: a shard's partial product must be reduced before it joins the residual."""
+        if get_world_size(self.process_group) > 1:
+            raise ValueError("RowParallelLinear.accumulate runs on one rank; tensor parallelism reduces in forward")
+        rows = x.reshape(-1, x.shape[-1])
+        if in_place:
+            residual.view(-1, residual.shape[-1]).addmm_(rows, self.weight.t())
+            return residual
+        return torch.addmm(residual.reshape(-1, residual.shape[-1]), rows, self.weight.t()).view(residual.shape)
+
 
 class QKVParallelLinear(nn.Module):
     """Packed ``[q; k; v]`` projection holding, on each rank, the q, k and v rows of the same heads.
