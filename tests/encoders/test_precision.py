@@ -1,6 +1,6 @@
-"""Low precision: under torch.autocast the towers compute in the autocast dtype as transformers does, and a
-bf16 model runs correctly under TRITON_INTERPRET=1 (on the eager references: the interpreter has no bf16 dot).
-Both within flash-attention's bound against transformers' fp32 output."""
+"""Low precision: under torch.autocast the towers and projections compute in the autocast dtype as transformers
+does, and a bf16 model runs correctly under TRITON_INTERPRET=1 (on the eager references: the interpreter has no
+bf16 dot). Both within flash-attention's bound against transformers' fp32 output."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ def clip():
 
 
 def vision_and_text(model, px, ids, mask):
-    return model.vision_model(px).pooler_output, model.text_model(ids, mask).last_hidden_state
+    """The towers' outputs and the full model's projected embeddings."""
+    out = model(ids, px, mask)
+    return (
+        model.vision_model(px).pooler_output,
+        model.text_model(ids, mask).last_hidden_state,
+        out.image_embeds,
+        out.text_embeds,
+    )
 
 
 @torch.no_grad()

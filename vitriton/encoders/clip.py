@@ -25,6 +25,7 @@ from vitriton.encoders.models import (
     TextModelWithProjection,
     VisionModel,
     VisionModelWithProjection,
+    project,
 )
 from vitriton.encoders.trunk import (
     MLP,
@@ -135,10 +136,10 @@ class CLIPModel(DualEncoder):
         self.logit_scale = nn.Parameter(weights.get_tensor(join(prefix, "logit_scale"), shape=()), requires_grad=False)
 
     def project_image(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(pooled)
+        return project(self.visual_projection, pooled)
 
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.text_projection(pooled)
+        return project(self.text_projection, pooled)
 
     def logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         return (text_embeds @ image_embeds.t()) * self.logit_scale.exp()

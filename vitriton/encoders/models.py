@@ -13,12 +13,26 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.encoders.pretrained import PretrainedMixin
-from vitriton.encoders.trunk import TextTransformer, VisionTransformer, normalize, returned
+from vitriton.encoders.trunk import (
+    TextTransformer,
+    VisionTransformer,
+    compute_dtype,
+    interpreter_guard,
+    normalize,
+    returned,
+)
 from vitriton.parallel import ReplicatedLinear, Weights, join
 
 
 def default_return_dict(config, return_dict: bool | None) -> bool:
     return getattr(config, "return_dict", True) if return_dict is None else return_dict
+
+
+def project(projection: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """``projection(pooled)`` under the towers' interpreter guard: a bf16 projection on CPU under
+    TRITON_INTERPRET=1 takes the eager reference, as the towers' linears do."""
+    with interpreter_guard(compute_dtype(pooled, projection.weight.dtype), pooled.device):
+        return projection(pooled)
 
 
 class VisionModel(PretrainedMixin, nn.Module):
@@ -87,7 +101,7 @@ class TowerWithProjection(PretrainedMixin, nn.Module):
 
     def project(self, out: BaseModelOutputWithPooling, return_dict: bool | None):
         projection = getattr(self, self.projection_name)
-        embeds = None if out.pooler_output is None else projection(out.pooler_output)
+        embeds = None if out.pooler_output is None else project(projection, out.pooler_output)
         output = self.output_cls(
             embeds, last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states, attentions=out.attentions
         )
