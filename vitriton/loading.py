@@ -86,7 +86,8 @@ def from_pretrained(
     their towers, CLIP's *WithProjection classes) from a local directory or a Hub repo id already in the local
     Hugging Face cache; ``tower="vision"``/``"text"`` picks one tower of a full checkpoint.
 
-    - ``dtype``: a torch dtype, its name, or "auto"; default the config's (``torch_dtype`` is the deprecated alias).
+    - ``dtype``: a torch dtype, its name, or "auto"; default the config's, else the stored weights' (``torch_dtype``
+      is the deprecated alias).
     - ``device``: default the current CUDA device, else CPU.
     - ``process_group`` / ``parallel``: default the default group when torch.distributed is initialised.
       ``parallel="tensor"`` shards heads and MLP columns over the group's ranks (each reads only its slices) and

@@ -165,6 +165,20 @@ def test_dtype_forms(clip_dir):
     assert model.logit_scale.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_auto_dtype_of_a_tower_is_the_stored_one(family, tmp_path):
+    """transformers' default dtype="auto" reads the config's dtype, else the stored weights': a tower class loading
+    a full fp16 checkpoint (whose vision_config names no dtype) gets fp16, as transformers' does."""
+    hf = models.clip_model() if family == "clip" else models.siglip_model()
+    models.save(hf.half(), tmp_path)
+    tower = "CLIPVisionModel" if family == "clip" else "SiglipVisionModel"
+    expected = getattr(transformers, tower).from_pretrained(tmp_path).dtype
+    assert expected == torch.float16
+    assert getattr(vitriton, tower).from_pretrained(tmp_path).dtype == expected
+    assert vitriton.from_pretrained(tmp_path, tower="text", dtype="auto").dtype == expected
+    assert vitriton.from_pretrained(tmp_path, tower="vision", dtype=torch.float32).dtype == torch.float32
+
+
 def test_config_with_fewer_layers_than_weights(clip_dir, tmp_path):
     config = json.loads((clip_dir / "config.json").read_text())
     config["vision_config"]["num_hidden_layers"] = 1

@@ -457,6 +457,13 @@ class PretrainedMixin(ModelAttributes):
         directory = resolve_checkpoint(path, **lookup)
         if config is None:
             config = read_config(directory)
+        alias = "torch_dtype" if kwargs.get("torch_dtype") is not None else "dtype"
+        if kwargs.get(alias) in (None, "auto") and getattr(cls.pick_config(config), "dtype", None) is None:
+            # transformers' dtype="auto" (its default) where the config names no dtype, as the sub-config of a
+            # tower read out of a full CLIP/SigLIP or LLaVA checkpoint: the stored weights' dtype.
+            stored = Weights(directory).stored_dtype()
+            if stored in DTYPES:
+                kwargs[alias] = stored
         return cls.build(
             config,
             lambda dtype, group, device: Weights(directory, dtype=dtype, device=device, process_group=group),

@@ -19,6 +19,8 @@ from vitriton.parallel.group import ProcessGroup, Shard, get_rank, get_world_siz
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+# safetensors' names of the floating-point dtypes vitriton can meet in a checkpoint.
+SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 class CheckpointError(ValueError):
@@ -142,6 +144,18 @@ class Weights:
         if self._state_dict is not None:
             return tuple(self._state_dict[name].shape)
         return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating-point tensor stored, as transformers reads it for ``dtype="auto"``
+        when the config names none; None for a checkpoint without one."""
+        if self._state_dict is not None:
+            floats = (t.dtype for t in self._state_dict.values() if t.is_floating_point())
+        else:
+            floats = (
+                SAFETENSORS_FLOATS.get(self._open(file).get_slice(name).get_dtype())
+                for name, file in self._file_of.items()
+            )
+        return next((dtype for dtype in floats if dtype is not None), None)
 
     def check_shape(self, name: str, expected: Sequence[int] | None) -> tuple[int, ...]:
         actual = self.shape(name)
