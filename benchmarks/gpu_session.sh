@@ -20,10 +20,11 @@
 # b128: batch-128 throughput of the three reference vision towers against transformers sdpa and both
 # torch.compile modes, with the (delta, residual) pair path beside the single-rank stream (A/B), then batch 1 of the
 # four reference models, both paths, against transformers compiled with reduce-overhead;
-# stream: the GPU tests of the LayerNorm kernel, the encoders, graphs and patch, then the per-op breakdown of a
-# ViT-L/14-336 batch-128 forward on the single-rank stream and on the pair path, and of so400m's.
+# stream: the GPU tests of the LayerNorm kernel, the encoders, graphs and patch, then batch 128 of ViT-L/14-336 and
+# so400m on the single-rank stream and on the pair path (A/B) against transformers sdpa and both compile modes;
+# profile: the per-op breakdown of a ViT-L/14-336 batch-128 forward on the stream and on the pair path, and so400m's.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128 or stream}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128, stream or profile}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -121,13 +122,18 @@ b128)
     grep " b1 " "$out/b1.log"
     ;;
 stream)
-    run gpu_tests 330 python3 -m pytest tests/kernels/test_layernorm.py tests/encoders tests/test_graphs.py \
+    run gpu_tests 300 python3 -m pytest tests/kernels/test_layernorm.py tests/encoders tests/test_graphs.py \
         tests/test_patch.py -m gpu -q -p no:cacheprovider
+    run b128_ab 250 python3 -m benchmarks.report --models clip-vit-l14-336 siglip-so400m-384 --batch-sizes 128 \
+        --providers vitriton vitriton-pair hf-sdpa hf-compile hf-compile-ro --out "$out/b128_ab"
+    tail -3 "$out/gpu_tests.log"
+    grep -E " b128 |ratio" "$out/b128_ab.log" | head -20
+    ;;
+profile)
     run profile_ops 150 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
         --providers vitriton vitriton-pair
     run profile_ops_so400m 100 python3 -m benchmarks.profile_ops --model siglip-so400m-384 --batch 128 \
         --providers vitriton
-    tail -3 "$out/gpu_tests.log"
     tail -45 "$out/profile_ops.log"
     tail -20 "$out/profile_ops_so400m.log"
     ;;
