@@ -11,8 +11,8 @@ Weights are shared, not copied: vitriton's parameters are the transformers tenso
 so patching adds only the packed ``[q; k; v]`` weight of each layer (a concatenation has to be new memory); the
 separate q/k/v tensors go with the replaced transformers tower. A tensor that is a slice of a larger one (a rank's
 shard under tensor parallelism, the query rows of SigLIP's pooling head) is copied, so the larger one can go too.
-The patched model's ``state_dict`` uses vitriton's names (``self_attn.qkv.weight``): save a checkpoint before
-patching, not after.
+The patched model's ``state_dict`` keeps transformers' keys and shapes (vitriton's modules convert theirs in
+state-dict hooks), so a checkpoint saved after patching loads into the unpatched model.
 """
 
 from __future__ import annotations

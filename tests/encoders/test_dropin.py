@@ -235,3 +235,100 @@ def test_layer_backward_hooks_and_replaced_forward_run(family, clip_pair, siglip
         finally:
             del layer.forward
         assert not zeroed.hidden_states[2].any(), type(model).__name__
+
+
+DROP_IN_CLASSES = [
+    ("CLIPModel", None),
+    ("SiglipModel", None),
+    ("CLIPVisionModel", "vision"),
+    ("CLIPTextModel", "text"),
+    ("CLIPVisionModelWithProjection", "vision"),
+    ("CLIPTextModelWithProjection", "text"),
+    ("SiglipVisionModel", "vision"),
+    ("SiglipTextModel", "text"),
+]
+
+
+def transformers_model(name: str, tower: str | None, seed: int):
+    """A fresh transformers ``name`` with the test configs and random weights (biases and LayerNorms too)."""
+    full = models.clip_model() if name.startswith("CLIP") else models.siglip_model()
+    config = full.config if tower is None else getattr(full.config, f"{tower}_config")
+    torch.manual_seed(seed)
+    return models.perturb_vectors(getattr(transformers, name)(config).eval())
+
+
+def call(model, tower: str | None, name: str):
+    px = models.pixels(2, 40 if name.startswith("CLIP") else 35, seed=21)
+    ids, mask = models.text(2, 9, seed=21)
+    if tower is None:
+        return model(ids, px, mask, output_hidden_states=True)
+    return model(px, output_hidden_states=True) if tower == "vision" else model(ids, mask, output_hidden_states=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("name", "tower"), DROP_IN_CLASSES, ids=[name for name, _ in DROP_IN_CLASSES])
+def test_state_dict_is_transformers(name, tower):
+    """Both ways, strictly: vitriton's state dict has transformers' keys and shapes, and a transformers state dict
+    loads into vitriton's model, in place, which then gives that model's outputs."""
+    hf, other = transformers_model(name, tower, seed=3), transformers_model(name, tower, seed=4)
+    ours = vitriton.from_transformers(hf)
+    state = ours.state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    pointers = [p.data_ptr() for p in ours.parameters()]
+    ours.load_state_dict(other.state_dict())
+    assert [p.data_ptr() for p in ours.parameters()] == pointers  # copied in place: CUDA graphs see the new weights
+    assert_same(call(ours, tower, name), call(other, tower, name), name)
+    fresh = getattr(transformers, name)(other.config).eval()
+    fresh.load_state_dict(ours.state_dict())
+    for key, value in other.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    ours.load_state_dict(ours.state_dict())  # vitriton to vitriton
+    assert_same(call(ours, tower, name), call(other, tower, name), f"{name} reloaded")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_load_state_dict_not_strict_reports_transformers_keys(family):
+    """strict=False: the keys missing or unexpected are those transformers reports for the same state dict, and
+    the tensors they name keep their values (a q/k/v part, the patch projection, SigLIP's packed in_proj)."""
+    hf = models.clip_model() if family == "clip" else models.siglip_model()
+    ours = vitriton.from_transformers(hf)
+    torch.manual_seed(5)
+    other = models.perturb_vectors(type(hf)(hf.config).eval()).state_dict()
+    dropped = [
+        "vision_model.encoder.layers.0.self_attn.k_proj.weight",
+        "text_model.encoder.layers.1.self_attn.q_proj.bias",
+        "vision_model.embeddings.patch_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+    ]
+    if family == "siglip":
+        dropped.append("vision_model.head.attention.in_proj_weight")
+    partial = {k: v for k, v in other.items() if k not in dropped}
+    partial["vision_model.encoder.layers.0.self_attn.extra"] = torch.zeros(1)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    result = ours.load_state_dict(partial, strict=False)
+    reference = type(hf)(hf.config).load_state_dict(partial, strict=False)
+    assert sorted(result.missing_keys) == sorted(reference.missing_keys) == sorted(dropped)
+    assert result.unexpected_keys == reference.unexpected_keys
+    after = ours.state_dict()
+    for key, value in after.items():
+        assert torch.equal(value, before[key] if key in dropped else other[key]), key
+    with pytest.raises(RuntimeError, match="Missing key.*k_proj.weight"):
+        ours.load_state_dict(partial)
+
+
+@torch.no_grad()
+def test_state_dict_under_any_prefix():
+    """A transformers tower inside another model (LLaVA's ``vision_tower``) keeps its keys once patched, and a
+    data-parallel wrapper's state dict is its tower's."""
+    model = torch.nn.Module()
+    model.vision_tower = transformers.SiglipVisionModel(models.siglip_model().config.vision_config).eval()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    vitriton.patch(model)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.items()}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    model.load_state_dict(reference)
+    wrapped = vitriton.parallel.DataParallel(model.vision_tower, None)
+    assert list(wrapped.state_dict()) == list(model.vision_tower.state_dict())
+    result = wrapped.load_state_dict({k.removeprefix("vision_tower."): v for k, v in reference.items()}, strict=False)
+    assert result.missing_keys == result.unexpected_keys == []

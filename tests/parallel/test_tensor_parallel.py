@@ -93,7 +93,7 @@ def _worker(rank: int, world: int, port: int, root: str, mode: str, kernels: boo
         return get_tensor(self, name, shape)
 
     Weights.get_tensor = recording_get_tensor
-    result = {"whole_reads": whole_reads, "outputs": {}, "params": {}}
+    result = {"whole_reads": whole_reads, "outputs": {}, "params": {}, "loaded": {}, "state_dict_error": None}
     checkpoints = {name: Path(root) / name for name in ("clip", "siglip", "two_heads")}
     inputs = make_inputs()
     for name in ("clip", "siglip"):
@@ -110,6 +110,19 @@ def _worker(rank: int, world: int, port: int, root: str, mode: str, kernels: boo
                 "token_embedding": model.text_model.embeddings.token_embedding.weight.clone(),
                 "patch_weight": model.vision_model.embeddings.patch_weight.clone(),
             }
+        # load_state_dict of another transformers model's full tensors: each rank copies its slices in place.
+        other = (CLIPModel if name == "clip" else SiglipModel).from_pretrained(checkpoints[name]).eval()
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for parameter in other.parameters():
+                parameter.add_(torch.randn_like(parameter), alpha=0.02)
+        model.load_state_dict(other.state_dict())
+        result["loaded"][name] = (run_model(model, inputs[name]), run_model(other, inputs[name]))
+        try:
+            keys = list(model.state_dict())
+            result["state_dict_keys"] = sorted(keys) == sorted(other.state_dict())
+        except RuntimeError as err:
+            result["state_dict_error"] = str(err)
     if mode == "tensor" and world == 4:
         try:
             vitriton.from_pretrained(checkpoints["two_heads"], parallel="tensor")
@@ -174,6 +187,15 @@ def test_parallel_matches_single_process(checkpoints, world, mode, kernels):
                 close(ours, single[name][key])
                 close(ours, ref)
                 assert torch.equal(ours, results[0]["outputs"][name][key]), f"rank {rank} differs from rank 0: {key}"
+
+    for result in results:
+        for ours, theirs in result["loaded"].values():
+            for key, ref in theirs.items():
+                close(ours[key], ref)
+        if mode == "tensor":
+            assert "tensor-parallel" in result["state_dict_error"] and "parallel='data'" in result["state_dict_error"]
+        else:
+            assert result["state_dict_error"] is None and result["state_dict_keys"]
 
     full = load_file(root / "clip" / "model.safetensors")
     prefix = "vision_model.encoder.layers.0"

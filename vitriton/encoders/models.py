@@ -22,6 +22,7 @@ from vitriton.encoders.trunk import (
     returned,
 )
 from vitriton.parallel import ReplicatedLinear, Weights, join
+from vitriton.parallel.data import nest_hooks
 
 
 def default_return_dict(config, return_dict: bool | None) -> bool:
@@ -36,30 +37,37 @@ def project(projection: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 
 
 class VisionModel(PretrainedMixin, nn.Module):
-    """A vision tower as transformers' ``*VisionModel``; the tower itself is ``.vision_model``."""
+    """A vision tower as transformers' ``*VisionModel``; the tower itself is ``.vision_model``. Its state dict's
+    keys are the tower's (``embeddings...``), as transformers 5 lays out the class; keys under ``vision_model.``
+    load too."""
 
     tower = "vision"
+    nested = "vision_model"
     transformer_cls: type[VisionTransformer]
 
     def __init__(self, prefix: str, config, weights: Weights, num_layers: int | None = None):
         super().__init__()
         self.config = config
         self.vision_model = self.transformer_cls(prefix, config, weights, num_layers)
+        nest_hooks(self)
 
     def forward(self, pixel_values: torch.Tensor | None = None, interpolate_pos_encoding: bool = False, **kwargs):
         return self.vision_model(pixel_values, interpolate_pos_encoding, **kwargs)
 
 
 class TextModel(PretrainedMixin, nn.Module):
-    """A text tower as transformers' ``*TextModel``; the tower itself is ``.text_model``."""
+    """A text tower as transformers' ``*TextModel``; the tower itself is ``.text_model``, and the state dict's
+    keys are its own, as for :class:`VisionModel`."""
 
     tower = "text"
+    nested = "text_model"
     transformer_cls: type[TextTransformer]
 
     def __init__(self, prefix: str, config, weights: Weights, num_layers: int | None = None):
         super().__init__()
         self.config = config
         self.text_model = self.transformer_cls(prefix, config, weights, num_layers)
+        nest_hooks(self)
 
     def forward(
         self,

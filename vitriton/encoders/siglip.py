@@ -25,10 +25,20 @@ from vitriton.encoders.trunk import (
     TextEmbeddings,
     TextTransformer,
     VisionTransformer,
+    rank_rows,
 )
 from vitriton.kernels.attention import attention_reference
 from vitriton.kernels.linear import linear
-from vitriton.parallel import QKVParallelLinear, ReplicatedLinear, RowParallelLinear, Weights, autocast_args, join
+from vitriton.parallel import (
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    Weights,
+    autocast_args,
+    get_world_size,
+    join,
+)
+from vitriton.parallel.layers import full_shape, rank_slice, shard_hooks, size_mismatch
 
 
 class SiglipVisionEmbeddings(PatchEmbeddings):
@@ -57,51 +67,89 @@ class SiglipEncoder(Encoder):
     layer_cls = SiglipEncoderLayer
 
 
-class SiglipMultiheadAttentionPoolingHead(nn.Module):
-    """A learned probe attends over the final tokens (nn.MultiheadAttention's packed ``in_proj``), then
-    LayerNorm and MLP with a residual. Heads and MLP columns are tensor-parallel like the encoder's."""
+def load_in_proj(
+    module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """``load_state_dict`` pre-hook of :class:`PoolingAttention` under tensor parallelism: transformers' full
+    ``in_proj_weight`` / ``in_proj_bias`` become this rank's rows of each of q, k and v, as ``load`` reads them."""
+    group = module.out_proj.process_group
+    for name in ("in_proj_weight", "in_proj_bias"):
+        key, local = prefix + name, getattr(module, name).detach()
+        if key not in state_dict:
+            continue
+        shard = rank_rows(local.shape[0] // 3, group)
+        expected = full_shape(local, 0, 3 * shard.total)
+        full = state_dict[key]
+        if tuple(full.shape) != expected:
+            errors.append(size_mismatch(key, full.shape, expected))
+            state_dict[key] = local
+        else:
+            blocks = zip(full.chunk(3), local.chunk(3), strict=True)
+            state_dict[key] = torch.cat([rank_slice(block, part, 0, shard) for block, part in blocks])
+
+
+class PoolingAttention(nn.Module):
+    """The pooling head's attention under ``nn.MultiheadAttention``'s names: ``in_proj_weight`` packs the q, k and
+    v rows (this rank's heads of each under tensor parallelism, as ``QKVParallelLinear`` packs them), and
+    ``out_proj`` is row-parallel."""
 
     def __init__(self, prefix: str, config: SiglipVisionConfig, weights: Weights):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
-        self.probe = nn.Parameter(weights.get_tensor(join(prefix, "probe"), shape=(1, 1, hidden)), requires_grad=False)
-        in_proj = join(prefix, "attention.in_proj_weight")
-        in_bias = join(prefix, "attention.in_proj_bias")
+        in_proj, in_bias = join(prefix, "in_proj_weight"), join(prefix, "in_proj_bias")
         weights.check_shape(in_proj, (3 * hidden, hidden))
         weights.check_shape(in_bias, (3 * hidden,))
-        # The probe is one query and the tokens give keys and values, so q and kv are separate projections.
-        self.q_proj = QKVParallelLinear.load(
-            [(in_proj, 0)], weights, hidden_size=hidden, num_heads=heads, bias_sources=[(in_bias, 0)]
-        )
-        self.kv_proj = QKVParallelLinear.load(
-            [(in_proj, hidden), (in_proj, 2 * hidden)],
+        packed = QKVParallelLinear.load(
+            [(in_proj, row) for row in (0, hidden, 2 * hidden)],
             weights,
             hidden_size=hidden,
             num_heads=heads,
-            bias_sources=[(in_bias, hidden), (in_bias, 2 * hidden)],
+            bias_sources=[(in_bias, row) for row in (0, hidden, 2 * hidden)],
         )
-        self.head_dim = hidden // heads
+        self.num_heads, self.head_dim = packed.num_heads, packed.head_dim
+        self.in_proj_weight, self.in_proj_bias = packed.weight, packed.bias
         self.out_proj = RowParallelLinear.load(
-            join(prefix, "attention.out_proj"),
+            join(prefix, "out_proj"),
             weights,
             in_features=hidden,
             out_features=hidden,
             unit=self.head_dim,
             what="attention heads",
         )
+        self.process_group = self.out_proj.process_group
+        shard_hooks(self)  # under tensor parallelism: state_dict() refuses the shard
+        if get_world_size(self.process_group) > 1:
+            self.register_load_state_dict_pre_hook(load_in_proj)
+
+    def forward(self, probe: torch.Tensor, hidden_state: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = hidden_state.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        width = heads * head_dim
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        # The probe is one query and the tokens give keys and values, so q and kv are separate GEMMs.
+        q = linear(*autocast_args(probe, weight[:width], bias[:width])).view(1, 1, heads, head_dim)
+        q = q.transpose(1, 2).expand(batch, heads, 1, head_dim)
+        kv = linear(*autocast_args(hidden_state, weight[width:], bias[width:]))
+        kv = kv.view(batch, seq, 2, heads, head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        # One query row per image: the eager fp32-softmax reference costs nothing next to the encoder.
+        return self.out_proj(attention_reference(q, k, v))
+
+
+class SiglipMultiheadAttentionPoolingHead(nn.Module):
+    """A learned probe attends over the final tokens (nn.MultiheadAttention's packed ``in_proj``), then
+    LayerNorm and MLP with a residual. Heads and MLP columns are tensor-parallel like the encoder's."""
+
+    def __init__(self, prefix: str, config: SiglipVisionConfig, weights: Weights):
+        super().__init__()
+        hidden = config.hidden_size
+        self.probe = nn.Parameter(weights.get_tensor(join(prefix, "probe"), shape=(1, 1, hidden)), requires_grad=False)
+        self.attention = PoolingAttention(join(prefix, "attention"), config, weights)
         self.layernorm = LayerNorm(join(prefix, "layernorm"), weights, hidden, config.layer_norm_eps)
         self.mlp = SiglipMLP(join(prefix, "mlp"), config, weights)
 
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = hidden_state.shape
-        heads = self.q_proj.num_heads
-        q = linear(*autocast_args(self.probe, self.q_proj.weight, self.q_proj.bias)).view(1, 1, heads, self.head_dim)
-        q = q.transpose(1, 2).expand(batch, heads, 1, self.head_dim)
-        kv = linear(*autocast_args(hidden_state, self.kv_proj.weight, self.kv_proj.bias))
-        kv = kv.view(batch, seq, 2, heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        # One query row per image: the eager fp32-softmax reference costs nothing next to the encoder.
-        pooled = self.out_proj(attention_reference(q, k, v))
+        pooled = self.attention(self.probe, hidden_state)
         normed, residual = self.layernorm(pooled)
         return (self.mlp(normed) + residual)[:, 0]
 

@@ -16,6 +16,12 @@ Tensor parallelism follows Megatron-LM: heads and MLP columns split across ranks
 (in ``RowParallelLinear.forward``). Modules read local head counts off their weights, never off the config. The
 embeddings (patch weight, class token, position tables) are replicated on every rank.
 
+``state_dict()`` and ``load_state_dict()`` speak transformers' key names and shapes: each module whose tensors
+vitriton holds under other names (the packed ``qkv``, the patch projection as ``patch_weight``, the position tables
+as plain parameters) converts them in its own state-dict hooks, so every prefix an outer model puts in front of it
+works. A key missing from a ``load_state_dict(strict=False)`` is reported under transformers' name, and the
+tensor it names keeps its value.
+
 The towers take transformers 5.17's arguments in its positional order, with its config defaults
 (``output_hidden_states``, ``output_attentions``, ``return_dict``), and tolerate the extra keyword arguments its
 outer models pass down (LLaVA's ``image_sizes``, ``is_causal``). Under ``torch.autocast`` the trunk runs in the
@@ -59,7 +65,36 @@ from vitriton.parallel import (
     symmetric,
     wait_all,
 )
-from vitriton.parallel.group import ProcessGroup
+from vitriton.parallel.group import ProcessGroup, Shard, get_rank
+from vitriton.parallel.layers import full_shape, rank_slice, size_mismatch
+
+
+def to_transformers_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` post-hook: ``module.transformers_names`` (vitriton's name -> transformers') renamed."""
+    for ours, theirs in module.transformers_names.items():
+        if prefix + ours in state_dict:
+            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
+
+
+def from_transformers_names(
+    module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """``load_state_dict`` pre-hook, the reverse of :func:`to_transformers_names`; vitriton's own names load as they
+    are. A tensor given under neither name is reported missing under transformers' and keeps its value."""
+    for ours, theirs in module.transformers_names.items():
+        current = getattr(module, ours)
+        if current is None or prefix + ours in state_dict:
+            continue
+        if prefix + theirs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+        else:
+            missing_keys.append(prefix + theirs)
+            state_dict[prefix + ours] = current  # copied onto itself: unchanged, and not reported under our name
+
+
+def rename_hooks(module: nn.Module) -> None:
+    module.register_state_dict_post_hook(to_transformers_names)
+    module.register_load_state_dict_pre_hook(from_transformers_names)
 
 
 class LayerNorm(nn.Module):
@@ -107,6 +142,54 @@ def attention_with_weights(
     return out, weights
 
 
+# transformers' q, k and v projections, in the order of the packed rows.
+QKV_NAMES = ("q_proj", "k_proj", "v_proj")
+
+
+def split_qkv(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` post-hook of :class:`Attention`: the packed ``qkv`` as transformers' ``q_proj``, ``k_proj``
+    and ``v_proj`` (views of it: in-place changes reach the parameter)."""
+    for kind in ("weight", "bias"):
+        packed = state_dict.pop(f"{prefix}qkv.{kind}", None)
+        if packed is not None:
+            for name, part in zip(QKV_NAMES, packed.chunk(3), strict=True):
+                state_dict[f"{prefix}{name}.{kind}"] = part
+
+
+def pack_qkv(
+    module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """``load_state_dict`` pre-hook of :class:`Attention`: transformers' ``q_proj``, ``k_proj`` and ``v_proj``
+    packed into ``qkv``, this rank's heads of each under tensor parallelism (as ``QKVParallelLinear.load`` reads
+    them). A part not given is reported missing and keeps its value; a state dict with vitriton's ``qkv`` and no
+    part loads as it is."""
+    group = module.out_proj.process_group
+    for kind in ("weight", "bias"):
+        current, packed = getattr(module.qkv, kind), f"{prefix}qkv.{kind}"
+        keys = [f"{prefix}{name}.{kind}" for name in QKV_NAMES]
+        if current is None or (packed in state_dict and not any(key in state_dict for key in keys)):
+            continue
+        parts = list(current.detach().chunk(3))
+        for index, key in enumerate(keys):
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            full, local = state_dict.pop(key), parts[index]
+            shard = rank_rows(local.shape[0], group)
+            if tuple(full.shape) != full_shape(local, 0, shard.total):
+                errors.append(size_mismatch(key, full.shape, full_shape(local, 0, shard.total)))
+            else:
+                parts[index] = rank_slice(full, local, 0, shard)
+        state_dict[packed] = torch.cat(parts)
+
+
+def rank_rows(rows: int, group: ProcessGroup | None) -> Shard:
+    """This rank's block of ``rows`` rows of a tensor split evenly by rows over ``group`` (whole heads)."""
+    world = get_world_size(group)
+    start = get_rank(group) * rows
+    return Shard(start, start + rows, rows * world)
+
+
 def gather_heads(weights: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Attention weights of every rank's heads, in head order (each rank holds a contiguous block of heads)."""
     if get_world_size(group) == 1:
@@ -135,6 +218,8 @@ class Attention(nn.Module):
             unit=self.head_dim,
             what="attention heads",
         )
+        self.register_state_dict_post_hook(split_qkv)
+        self.register_load_state_dict_pre_hook(pack_qkv)
 
     def forward(
         self,
@@ -766,6 +851,12 @@ class PatchEmbeddings(nn.Module):
     autocast the table is not in the tokens' dtype.
     """
 
+    transformers_names = {
+        "patch_weight": "patch_embedding.weight",
+        "patch_bias": "patch_embedding.bias",
+        "position_embedding": "position_embedding.weight",
+    }
+
     def __init__(self, prefix: str, config, weights: Weights, *, class_token: bool, conv_bias: bool):
         super().__init__()
         hidden, patch, channels = config.hidden_size, config.patch_size, config.num_channels
@@ -786,6 +877,7 @@ class PatchEmbeddings(nn.Module):
         self.position_embedding = frozen(
             weights.get_tensor(join(prefix, "position_embedding.weight"), shape=(positions, hidden))
         )
+        rename_hooks(self)
 
     def check(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
         if not isinstance(pixel_values, torch.Tensor):
@@ -916,6 +1008,8 @@ class TextEmbeddings(nn.Module):
     ``torch._assert_async``, which fails the next synchronising call with a message naming the problem.
     """
 
+    transformers_names = {"position_embedding": "position_embedding.weight"}
+
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
         self.vocab_size, self.max_positions = config.vocab_size, config.max_position_embeddings
@@ -927,6 +1021,7 @@ class TextEmbeddings(nn.Module):
                 join(prefix, "position_embedding.weight"), shape=(config.max_position_embeddings, config.hidden_size)
             )
         )
+        rename_hooks(self)
 
     def check(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:

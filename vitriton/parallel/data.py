@@ -51,14 +51,54 @@ def input_tensors(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     return named
 
 
+def unnest_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` post-hook of a module whose keys read as those of its child ``module.nested`` alone: the
+    child's name is dropped from them."""
+    inner = f"{prefix}{module.nested}."
+    for key in [key for key in state_dict if key.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def nest_state(
+    module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """``load_state_dict`` pre-hook, the reverse of :func:`unnest_state`: keys under ``prefix`` go to the child
+    (keys that name it already load as they are). The load post-hook :func:`unnest_keys` names the missing and
+    unexpected keys as they were given."""
+    inner = f"{prefix}{module.nested}."
+    for key in [key for key in state_dict if key.startswith(prefix) and not key.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+    module._loading_prefix = prefix
+
+
+def unnest_keys(module: nn.Module, incompatible_keys) -> None:
+    prefix = module.__dict__.pop("_loading_prefix", None)
+    if prefix is None:
+        return
+    inner = f"{prefix}{module.nested}."
+    for keys in incompatible_keys:
+        keys[:] = [prefix + key[len(inner) :] if key.startswith(inner) else key for key in keys]
+
+
+def nest_hooks(module: nn.Module) -> None:
+    """``module``'s state dict reads as that of its child ``module.nested``, without the child's name."""
+    module.register_state_dict_post_hook(unnest_state)
+    module.register_load_state_dict_pre_hook(nest_state)
+    module.register_load_state_dict_post_hook(unnest_keys)
+
+
 class TowerWrapper(nn.Module):
     """Holds a tower as ``.module``; attributes it does not have are read from the tower (``.config``,
-    ``.encoder``), so code that inspects the tower keeps working."""
+    ``.encoder``), so code that inspects the tower keeps working, and so does its state dict: its keys are the
+    tower's, as if the tower were in the wrapper's place."""
+
+    nested = "module"
 
     def __init__(self, module: nn.Module, process_group: ProcessGroup | None):
         super().__init__()
         self.module = module
         self.process_group = process_group
+        nest_hooks(self)
 
     def __getattr__(self, name: str):
         try:

@@ -3,6 +3,10 @@
 Megatron-LM's split (Shoeybi et al. 2019, arXiv:1909.08053): the first linear of a block is split by output
 columns and needs no communication; the second is split by input rows and all-reduces its partial sums once.
 The reduce is written out in each ``forward`` so the communication a layer does is visible where it happens.
+
+A sharded layer's tensors are one rank's slices, which no transformers key names: its ``state_dict()`` raises
+(``refuse_state_dict``), and ``load_state_dict()`` takes the full tensors and copies this rank's slice of each, cut
+and padded as ``load`` cuts them from a checkpoint (``load_rank_slices``), so every rank loads the same state dict.
 """
 
 from __future__ import annotations
@@ -55,6 +59,65 @@ def pad_shard(tensor: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
+def full_shape(local: torch.Tensor, dim: int, total: int) -> tuple[int, ...]:
+    """``local``'s shape with ``total`` along ``dim``: the shape of the unsharded tensor it is a slice of."""
+    return (*local.shape[:dim], total, *local.shape[dim + 1 :])
+
+
+def size_mismatch(key: str, given: Sequence[int], expected: Sequence[int]) -> str:
+    """An error for ``load_state_dict``, worded as torch words its own."""
+    return (
+        f"size mismatch for {key}: copying a param with shape {tuple(given)} from checkpoint, the shape in the full "
+        f"(unsharded) model is {tuple(expected)}."
+    )
+
+
+def rank_slice(full: torch.Tensor, local: torch.Tensor, dim: int, shard: Shard) -> torch.Tensor:
+    """``full``'s slice ``shard`` along ``dim`` in ``local``'s dtype and device, zero-padded to ``local``'s size
+    along ``dim`` as ``load(pad=True)`` pads a shard (``SHARD_MULTIPLE``)."""
+    part = full.narrow(dim, shard.start, shard.size).to(device=local.device, dtype=local.dtype)
+    extra = local.shape[dim] - shard.size
+    if extra == 0:
+        return part
+    return torch.cat([part, part.new_zeros(full_shape(part, dim, extra))], dim=dim)
+
+
+def refuse_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """``state_dict`` pre-hook of a layer sharded over several ranks."""
+    group = module.process_group
+    raise RuntimeError(
+        f"state_dict() of a tensor-parallel vitriton model: {prefix.rstrip('.') or type(module).__name__} holds "
+        f"rank {get_rank(group)}'s shard of {get_world_size(group)}, which no transformers key names. Load the model "
+        f"without a process group, or with parallel='data', to save or copy its weights (load_state_dict() takes "
+        f"transformers' full tensors on every rank)"
+    )
+
+
+def load_rank_slices(
+    module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """``load_state_dict`` pre-hook of a sharded layer: each full tensor given (``module.sharded``: name -> the
+    dimension split over the ranks) becomes this rank's slice ``module.shard``, padded as ``load`` pads it."""
+    for name, dim in module.sharded.items():
+        key, local = prefix + name, getattr(module, name)
+        if key not in state_dict or local is None:
+            continue
+        full, expected = state_dict[key], full_shape(local, dim, module.shard.total)
+        if tuple(full.shape) != expected:
+            errors.append(size_mismatch(key, full.shape, expected))
+            state_dict[key] = local  # left as it is; the error above is the one reported
+        else:
+            state_dict[key] = rank_slice(full, local.detach(), dim, module.shard)
+
+
+def shard_hooks(module: nn.Module) -> None:
+    """The state-dict hooks of a layer sharded over ``module.process_group``, when it has several ranks."""
+    if get_world_size(module.process_group) > 1:
+        module.register_state_dict_pre_hook(refuse_state_dict)
+        if getattr(module, "sharded", None):
+            module.register_load_state_dict_pre_hook(load_rank_slices)
+
+
 def all_reduce(tensor: torch.Tensor, group: ProcessGroup | None, pending: list | None = None) -> torch.Tensor:
     """Sums ``tensor`` over ``group`` in place. With a ``pending`` list the reduce is started, not waited for:
     its work handle is appended, and ``tensor`` holds the sum once the caller has waited on it (``wait_all``)."""
@@ -73,13 +136,27 @@ def wait_all(pending: list) -> None:
 
 
 class ReplicatedLinear(nn.Module):
-    """A whole nn.Linear on every rank (projections, heads): ``act(x @ W^T + b)`` through the linear kernel."""
+    """A whole nn.Linear on every rank (projections, heads): ``act(x @ W^T + b)`` through the linear kernel.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, process_group: ProcessGroup | None = None):
+    The parallel subclasses hold ``shard``, the range of the split dimension this rank holds (``sharded``: which
+    tensors are split along which dimension)."""
+
+    sharded: dict[str, int] = {}
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        process_group: ProcessGroup | None = None,
+        shard: Shard | None = None,
+    ):
         super().__init__()
         self.weight = frozen(weight)
         self.bias = frozen(bias)
         self.process_group = process_group
+        self.shard = shard
+        if shard is not None:
+            shard_hooks(self)
 
     @classmethod
     def load(
@@ -95,6 +172,8 @@ class ReplicatedLinear(nn.Module):
 
 class ColumnParallelLinear(ReplicatedLinear):
     """``y_local = act(x @ W_local^T + b_local)``: this rank's block of output features; no communication."""
+
+    sharded = {"weight": 0, "bias": 0}
 
     @classmethod
     def load(
@@ -119,7 +198,7 @@ class ColumnParallelLinear(ReplicatedLinear):
         if pad and weights.world_size > 1:
             weight = pad_shard(weight, 0, SHARD_MULTIPLE)
             b = None if b is None else pad_shard(b, 0, SHARD_MULTIPLE)
-        return cls(weight, b, weights.process_group)
+        return cls(weight, b, weights.process_group, shard)
 
 
 class RowParallelLinear(ReplicatedLinear):
@@ -127,6 +206,8 @@ class RowParallelLinear(ReplicatedLinear):
 
     The bias joins the GEMM epilogue on rank 0 only, so the reduced sum holds it exactly once.
     """
+
+    sharded = {"weight": 1}
 
     @classmethod
     def load(
@@ -148,7 +229,7 @@ class RowParallelLinear(ReplicatedLinear):
         if pad and weights.world_size > 1:
             weight = pad_shard(weight, 1, SHARD_MULTIPLE)
         b = weights.get_tensor(join(prefix, "bias"), shape=(out_features,)) if bias else None
-        return cls(weight, b, weights.process_group)
+        return cls(weight, b, weights.process_group, shard)
 
     def forward(
         self, x: torch.Tensor, pending: list | None = None, symmetric_result: str | None = None
@@ -197,12 +278,21 @@ class QKVParallelLinear(nn.Module):
     The output is head-split by the ``qkv_projection`` kernel: three (batch, local_heads, seq, head_dim) tensors.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int, head_dim: int):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        num_heads: int,
+        head_dim: int,
+        process_group: ProcessGroup | None = None,
+    ):
         super().__init__()
         self.weight = frozen(weight)
         self.bias = frozen(bias)
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.process_group = process_group
+        shard_hooks(self)  # state_dict() refuses a shard; its owner (Attention) loads transformers' q/k/v
 
     @classmethod
     def load(
@@ -232,7 +322,7 @@ class QKVParallelLinear(nn.Module):
             bias_parts.append(weights.get_slice(name, 0, row + shard.start, row + shard.stop))
         weight = torch.cat(parts, dim=0)
         bias = torch.cat(bias_parts, dim=0) if bias_sources else None
-        return cls(weight, bias, shard.size // head_dim, head_dim)
+        return cls(weight, bias, shard.size // head_dim, head_dim, weights.process_group)
 
     @classmethod
     def load_separate(
@@ -258,11 +348,14 @@ class VocabParallelEmbedding(nn.Module):
     """Token embedding split by vocabulary rows: each rank looks up the ids it owns, zeros the rest, and the
     ranks all-reduce. Blocks are ``ceil(vocab / world_size)`` rows, so any vocabulary size shards."""
 
+    sharded = {"weight": 0}
+
     def __init__(self, weight: torch.Tensor, shard: Shard, process_group: ProcessGroup | None = None):
         super().__init__()
         self.weight = frozen(weight)
         self.shard = shard
         self.process_group = process_group
+        shard_hooks(self)
 
     @classmethod
     def load(cls, prefix: str, weights: Weights, *, vocab_size: int, hidden_size: int) -> VocabParallelEmbedding:
