@@ -332,3 +332,31 @@ def test_state_dict_under_any_prefix():
     assert list(wrapped.state_dict()) == list(model.vision_tower.state_dict())
     result = wrapped.load_state_dict({k.removeprefix("vision_tower."): v for k, v in reference.items()}, strict=False)
     assert result.missing_keys == result.unexpected_keys == []
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("name", "tower"), [DROP_IN_CLASSES[1], DROP_IN_CLASSES[2]], ids=["SiglipModel", "CLIPVision"])
+def test_save_pretrained_loads_in_transformers(name, tower, tmp_path):
+    """save_pretrained writes what transformers' from_pretrained loads (the same outputs), in the model's dtype,
+    sharded above max_shard_size; saving again unsharded leaves no stale shard behind. A tower saves as its
+    transformers model class."""
+    hf = transformers_model(name, tower, seed=6)
+    ours = vitriton.from_transformers(hf)
+    ours.save_pretrained(tmp_path / "whole")
+    loaded = getattr(transformers, name).from_pretrained(tmp_path / "whole").eval()
+    assert_same(call(loaded, tower, name), call(hf, tower, name), name)
+    assert_same(call(vitriton.from_pretrained(tmp_path / "whole"), tower, name), call(hf, tower, name), name)
+    tower_module = ours.vision_model
+    tower_module.save_pretrained(tmp_path / "tower", max_shard_size="200KB")
+    assert (tmp_path / "tower" / "model.safetensors.index.json").is_file()
+    vision_cls = getattr(transformers, f"{name[:4] if name.startswith('CLIP') else 'Siglip'}VisionModel")
+    reloaded = vision_cls.from_pretrained(tmp_path / "tower").eval()
+    pixels = models.pixels(2, 40 if name.startswith("CLIP") else 35, seed=22)
+    assert_same(reloaded(pixels).pooler_output, ours.vision_model(pixels).pooler_output, "tower")
+    tower_module.save_pretrained(tmp_path / "tower")
+    assert sorted(p.name for p in (tmp_path / "tower").iterdir()) == ["config.json", "model.safetensors"]
+    half = vitriton.from_transformers(hf, dtype=torch.float16)
+    half.save_pretrained(tmp_path / "half")
+    assert getattr(transformers, name).from_pretrained(tmp_path / "half").dtype == torch.float16
+    with pytest.raises(NotImplementedError, match="push_to_hub"):
+        ours.save_pretrained(tmp_path / "hub", push_to_hub=True)

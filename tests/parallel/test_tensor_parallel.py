@@ -123,6 +123,11 @@ def _worker(rank: int, world: int, port: int, root: str, mode: str, kernels: boo
             result["state_dict_keys"] = sorted(keys) == sorted(other.state_dict())
         except RuntimeError as err:
             result["state_dict_error"] = str(err)
+        if mode == "tensor":
+            try:
+                model.save_pretrained(Path(root) / f"saved-{world}-{rank}")
+            except RuntimeError as err:
+                result["save_error"] = str(err)
     if mode == "tensor" and world == 4:
         try:
             vitriton.from_pretrained(checkpoints["two_heads"], parallel="tensor")
@@ -194,6 +199,7 @@ def test_parallel_matches_single_process(checkpoints, world, mode, kernels):
                 close(ours[key], ref)
         if mode == "tensor":
             assert "tensor-parallel" in result["state_dict_error"] and "parallel='data'" in result["state_dict_error"]
+            assert "save_pretrained of a tensor-parallel" in result["save_error"]
         else:
             assert result["state_dict_error"] is None and result["state_dict_keys"]
 

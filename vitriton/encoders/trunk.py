@@ -34,8 +34,10 @@ reference instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -59,14 +61,17 @@ from vitriton.parallel import (
     VocabParallelEmbedding,
     Weights,
     autocast_args,
+    default_group,
     frozen,
     get_world_size,
     join,
+    parallel_mode,
     symmetric,
     wait_all,
 )
 from vitriton.parallel.group import ProcessGroup, Shard, get_rank
 from vitriton.parallel.layers import full_shape, rank_slice, size_mismatch
+from vitriton.parallel.weights import save_checkpoint
 
 
 def to_transformers_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -676,6 +681,50 @@ class ModelAttributes:
     """What code around a transformers model reads off it, for vitriton's towers and model classes alike."""
 
     @property
+    def architecture(self) -> str:
+        """The transformers class whose checkpoint ``save_pretrained`` writes: this class's name."""
+        return type(self).__name__
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        *,
+        safe_serialization: bool = True,
+    ) -> None:
+        """Writes config.json (the transformers config, with ``architectures`` and ``dtype`` set as transformers
+        sets them) and the ``state_dict()`` (transformers' keys) as ``model.safetensors``, or shards above
+        ``max_shard_size``, so ``transformers.<architecture>.from_pretrained`` and vitriton's load the directory.
+        ``is_main_process``: whether this process writes; by default rank 0 of the default process group (every
+        process when torch.distributed is not initialised). A tensor-parallel model raises: its ranks hold shards."""
+        if push_to_hub:
+            raise NotImplementedError("push_to_hub is not implemented: save_pretrained, then upload the directory")
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: vitriton writes safetensors checkpoints only")
+        if parallel_mode(self) == "tensor":
+            raise RuntimeError(
+                f"save_pretrained of a tensor-parallel {type(self).__name__}: each rank holds a shard of the weights. "
+                f"Load it without a process group, or with parallel='data', to save it"
+            )
+        if is_main_process is None:
+            is_main_process = get_rank(default_group()) == 0
+        if not is_main_process:
+            return
+        if state_dict is None:
+            state_dict = self.state_dict()
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"save_directory {save_directory} is a file; pass a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        config = copy.deepcopy(self.config)
+        config.architectures = [self.architecture]
+        config.dtype = str(self.dtype).removeprefix("torch.")
+        config.save_pretrained(save_directory)
+        save_checkpoint(state_dict, save_directory, max_shard_size=max_shard_size)
+
+    @property
     def device(self) -> torch.device:
         """The device of the parameters, as transformers' ``model.device`` (e.g. ``inputs.to(model.device)``)."""
         return next(self.parameters()).device
@@ -704,6 +753,11 @@ class Tower(ModelAttributes, nn.Module):
 
     config: object
     encoder: Encoder
+
+    @property
+    def architecture(self) -> str:
+        """transformers 5's tower model of the same keys (``CLIPVisionTransformer`` -> ``CLIPVisionModel``)."""
+        return type(self).__name__.replace("Transformer", "Model")
 
     def __init__(self):
         super().__init__()

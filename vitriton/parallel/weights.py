@@ -2,18 +2,21 @@
 
 A :class:`Weights` maps tensor names to the files of a Hugging Face checkpoint (``model.safetensors``, or
 shards listed in ``model.safetensors.index.json``). Sharded reads go through ``safe_open(...).get_slice`` so a
-rank never materialises the parts of a tensor it does not own.
+rank never materialises the parts of a tensor it does not own. :func:`save_checkpoint` writes one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from vitriton.parallel.group import ProcessGroup, Shard, get_rank, get_world_size
 
@@ -47,6 +50,49 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
         if not file.is_file():
             raise CheckpointError(f"{file} is listed in {index} but does not exist")
     return files
+
+
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def own_storage(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict``'s tensors, each alone in its memory as safetensors requires: a view of a larger tensor (the
+    q/k/v parts of a packed projection), a non-contiguous one, or a second name for a tensor already seen (tied
+    weights) becomes a copy; dtypes and devices are kept."""
+    seen, tensors = set(), {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach()
+        storage = tensor.untyped_storage()
+        whole = tensor.is_contiguous() and storage.nbytes() == tensor.numel() * tensor.element_size()
+        if not whole or (tensor.device, storage.data_ptr()) in seen:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add((tensor.device, tensor.untyped_storage().data_ptr()))
+        tensors[name] = tensor
+    return tensors
+
+
+def save_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], directory: str | os.PathLike, *, max_shard_size: int | str = "50GB"
+) -> None:
+    """Writes ``state_dict`` into ``directory`` as transformers does: ``model.safetensors``, or above
+    ``max_shard_size`` shards listed in ``model.safetensors.index.json`` (huggingface_hub's split). The weight
+    files of an earlier save that this one does not replace are removed, so the directory reads as this save."""
+    directory = Path(directory)
+    tensors = own_storage(state_dict)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+    stale = [
+        directory / SAFE_INDEX,
+        directory / SAFE_SINGLE,
+        *(p for p in directory.iterdir() if SHARD_FILE.fullmatch(p.name)),
+    ]
+    for path in stale:
+        if path.name not in split.filename_to_tensors and path.is_file():
+            path.unlink()
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, directory / filename, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def join(prefix: str, name: str) -> str:
