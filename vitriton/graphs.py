@@ -347,6 +347,7 @@ class CUDAGraphRunner:
         if warmup < 1:
             raise ValueError(f"warmup is {warmup}; capture needs at least 1 eager call to compile and autotune")
         # The model itself is not kept: a runner inside its own tower (automatic graphs) must not keep it alive.
+        self.model = weakref.ref(model)
         self.forward = model if forward is None else forward
         # A module's own signature is its __call__'s (*args, **kwargs); binding needs forward's parameters.
         self.signature = inspect.signature(model.forward if forward is None else forward)
@@ -426,11 +427,19 @@ class CUDAGraphRunner:
         """Why this call would run eagerly rather than from a graph (None when it replays, or would, if its
         batch fits a bucket)."""
         binding = self._binding(args, kwargs)
-        return _state_reason() or (binding if isinstance(binding, str) else None)
+        return _state_reason() or self._training() or (binding if isinstance(binding, str) else None)
+
+    def _training(self) -> str | None:
+        model = self.model()
+        if model is not None and model.training:
+            return (
+                "the model is in training mode (attention dropout draws new masks each call); graphs replay eval mode"
+            )
+        return None
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Call | None:
         """The call in canonical form with its batch size, or None if it must run eagerly."""
-        if _state_reason() is not None:
+        if _state_reason() is not None or self._training() is not None:
             return None
         binding = self._binding(args, kwargs)
         if isinstance(binding, str):

@@ -360,3 +360,44 @@ def test_save_pretrained_loads_in_transformers(name, tower, tmp_path):
     assert getattr(transformers, name).from_pretrained(tmp_path / "half").dtype == torch.float16
     with pytest.raises(NotImplementedError, match="push_to_hub"):
         ours.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+
+def dropout_pair(family: str, tower: str, p: float = 0.4):
+    """A transformers tower with attention dropout ``p`` (eager attention, whose dropout vitriton's train mode
+    reproduces draw for draw) and vitriton's from it, both in train mode."""
+    full = models.clip_model() if family == "clip" else models.siglip_model()
+    hf = eager(getattr(full, f"{tower}_model"))
+    hf.config.attention_dropout = p
+    for module in hf.modules():
+        if hasattr(module, "q_proj"):  # the encoder's attention (SigLIP's pooling head has no dropout)
+            module.dropout = p
+    return hf.train(), vitriton.from_transformers(hf).train()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inner_hook", [False, True], ids=["fused", "pair"])
+@pytest.mark.parametrize(("family", "tower"), [("clip", "vision"), ("clip", "text"), ("siglip", "vision")])
+def test_attention_dropout_in_train_mode(family, tower, inner_hook):
+    """Train mode with attention_dropout: each call draws new masks, the same draws as transformers' eager
+    attention from the same seed (so the same outputs), on the fused single-rank path and on the (delta, residual)
+    path that a hook inside a layer selects; eval mode gives transformers' outputs without dropout."""
+    hf, ours = dropout_pair(family, tower)
+    px = models.pixels(2, 40 if family == "clip" else 35, seed=23)
+    ids, mask = models.text(2, 9, seed=23)
+    run = (lambda m: m(px)) if tower == "vision" else (lambda m: m(ids, mask))
+    layer = getattr(ours, f"{tower}_model").encoder.layers[0]
+    handle = layer.mlp.register_forward_hook(lambda *_: None) if inner_hook else None
+    try:
+        first, second = run(ours).last_hidden_state, run(ours).last_hidden_state
+        assert not torch.equal(first, second)
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            reference = run(hf)
+            torch.manual_seed(seed)
+            assert_same(run(ours), reference, f"train mode, seed {seed}")
+        hf.eval(), ours.eval()
+        assert_same(run(ours), run(hf), "eval mode")
+        assert torch.equal(run(ours).last_hidden_state, run(ours).last_hidden_state)
+    finally:
+        if handle is not None:
+            handle.remove()

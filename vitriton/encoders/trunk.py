@@ -130,10 +130,13 @@ def attention_with_weights(
     scale: float,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' eager attention, for calls that ask for the weights: masked scores are set to the dtype's
-    minimum, so a query row with no key left is uniform over all keys, as transformers' eager path gives (the
-    fused kernel and transformers' default sdpa path give that row zeros). Softmax in fp32.
+    """transformers' eager attention, for calls that ask for the weights or train with attention dropout: masked
+    scores are set to the dtype's minimum, so a query row with no key left is uniform over all keys, as
+    transformers' eager path gives (the fused kernel and transformers' default sdpa path give that row zeros).
+    Softmax in fp32; ``dropout`` then zeroes weights (and scales the rest) as transformers' eager path does, with
+    the same draws from the same generator state, and the weights returned are those after it.
 
     Returns ``(out (B, S, H * D), weights (B, H, S, S))``.
     """
@@ -143,6 +146,8 @@ def attention_with_weights(
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        weights = F.dropout(weights, p=dropout)
     out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, seq, heads * head_dim)
     return out, weights
 
@@ -205,10 +210,13 @@ def gather_heads(weights: torch.Tensor, group: ProcessGroup | None) -> torch.Ten
 
 
 class Attention(nn.Module):
-    """Self-attention: packed column-parallel QKV -> flash attention -> row-parallel out projection."""
+    """Self-attention: packed column-parallel QKV -> flash attention -> row-parallel out projection. In training
+    mode with the config's ``attention_dropout`` > 0 the attention runs transformers' eager formula with dropout on
+    the weights (``attention_with_weights``); eval mode, or no dropout, keeps the fused kernel."""
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
+        self.dropout = getattr(config, "attention_dropout", 0.0)
         hidden = config.hidden_size
         self.qkv = QKVParallelLinear.load_separate(
             prefix, weights, hidden_size=hidden, num_heads=config.num_attention_heads
@@ -254,11 +262,12 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Everything before the out projection: ``(heads (B, S, local heads * head_dim), weights or None)``."""
         q, k, v = self.qkv(x)
-        if output_attentions:
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions or dropout:
             out, weights = attention_with_weights(
-                q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask
+                q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask, dropout=dropout
             )
-            return out, gather_heads(weights, self.out_proj.process_group)
+            return out, gather_heads(weights, self.out_proj.process_group) if output_attentions else None
         return attention(q, k, v, scale=self.scale, causal=causal, key_padding_mask=key_padding_mask), None
 
 
