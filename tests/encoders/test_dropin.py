@@ -401,3 +401,42 @@ def test_attention_dropout_in_train_mode(family, tower, inner_hook):
     finally:
         if handle is not None:
             handle.remove()
+
+
+@torch.no_grad()
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", ["auto", True])
+def test_state_dict_dropout_and_saving_under_cuda_graphs(graphs, tmp_path):
+    """With graph replays (automatic, or explicit buckets): a transformers state dict loaded in place reaches the
+    replayed graphs; training mode with attention dropout runs eagerly (calls differ), eval mode replays again and
+    matches transformers; a saved model loads in transformers with the same outputs. fp32 on the GPU, where the
+    kernels' dots may take tf32: 1e-2 of the largest value, against a change the new weights make of about 1e-1."""
+
+    def close(got, want, what):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * scale, msg=lambda m: f"{what}: {m}")
+
+    hf, other = models.clip_model().cuda(), models.clip_model()
+    generator = torch.Generator().manual_seed(9)
+    for parameter in other.parameters():
+        parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=0.05)
+    other = other.cuda()
+    px = models.pixels(2, 40, seed=1).cuda()
+    ours = vitriton.from_transformers(hf, cuda_graphs=graphs)
+    for _ in range(3):
+        before = ours.get_image_features(px).pooler_output
+    ours.load_state_dict(other.state_dict())
+    want = other.get_image_features(px).pooler_output
+    assert (before - want).abs().max() > 5e-2 * want.abs().max()
+    close(ours.get_image_features(px).pooler_output, want, "features after load_state_dict")
+    for module in ours.modules():
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.3
+    ours.train()
+    first, second = (ours.get_image_features(px).pooler_output for _ in range(2))
+    assert not torch.equal(first, second)
+    ours.eval()
+    close(ours.get_image_features(px).pooler_output, want, "eval features after training mode")
+    ours.save_pretrained(tmp_path)
+    back = transformers.CLIPModel.from_pretrained(tmp_path).cuda().eval()
+    close(back.get_image_features(px).pooler_output, want, "transformers' load of the saved model")
