@@ -125,6 +125,19 @@ def test_shift_strided_rows_and_public_function() -> None:
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
 
+def test_shift_alignment_is_part_of_the_plan() -> None:
+    """triton specialises every pointer on 16-byte alignment, so a shift 4 bytes off it (a row of the encoder's
+    (2 * layers, N) fp32 bias sums when N is not a multiple of 4) must not replay the plan of an aligned one."""
+    from vitriton.kernels import layernorm
+
+    x, weight, bias, _ = make_inputs((7, 72), torch.float32, has_residual=False)
+    sums = make_inputs((1, 2 * 72 + 1), torch.float32, has_residual=False, seed=5)[0][0]
+    layernorm.PLANS.clear()
+    check_shift(x, weight, bias, sums[:72])
+    check_shift(x, weight, bias, sums[1:73])  # same shape and stride, base pointer 4 bytes past 16-byte alignment
+    assert layernorm.PLANS.builds == 2
+
+
 def test_shift_rejects_bad_arguments() -> None:
     x, weight, bias, residual = make_inputs((4, 32), torch.float32)
     with pytest.raises(ValueError, match="a residual or a shift, not both"):

@@ -176,7 +176,7 @@ def layer_norm_triton(
     key = (
         x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
         None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.data_ptr() % 16),
-        None if shift is None else (shift.shape, shift.stride(), shift.dtype, shift.device),
+        None if shift is None else (shift.shape, shift.stride(), shift.dtype, shift.device, shift.data_ptr() % 16),
         weight.shape, weight.stride(), weight.dtype, weight.device, weight.data_ptr() % 16,
         None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device, bias.data_ptr() % 16),
         eps, block_m, num_warps,
