@@ -179,6 +179,16 @@ def test_auto_dtype_of_a_tower_is_the_stored_one(family, tmp_path):
     assert vitriton.from_pretrained(tmp_path, tower="vision", dtype=torch.float32).dtype == torch.float32
 
 
+@pytest.mark.parametrize("kwargs", [dict(feature_layers=-2), dict(num_layers=1)])
+def test_save_pretrained_of_a_truncated_tower(clip_dir, tmp_path, kwargs):
+    """A tower built without its last layers would save a checkpoint whose config names layers it lacks (and no
+    post-LayerNorm): transformers would initialise them at random and vitriton could not load it whole."""
+    tower = vitriton.CLIPVisionModel.from_pretrained(clip_dir, **kwargs)
+    with pytest.raises(RuntimeError, match="first 1 of 2 layers"):
+        tower.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_config_with_fewer_layers_than_weights(clip_dir, tmp_path):
     config = json.loads((clip_dir / "config.json").read_text())
     config["vision_config"]["num_hidden_layers"] = 1

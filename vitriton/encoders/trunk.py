@@ -718,6 +718,14 @@ class ModelAttributes:
                 f"save_pretrained of a tensor-parallel {type(self).__name__}: each rank holds a shard of the weights. "
                 f"Load it without a process group, or with parallel='data', to save it"
             )
+        for tower in self.modules():
+            if isinstance(tower, Tower) and len(tower.encoder.layers) < tower.encoder.num_hidden_layers:
+                raise RuntimeError(
+                    f"save_pretrained of a {type(self).__name__} built with its first {len(tower.encoder.layers)} of "
+                    f"{tower.encoder.num_hidden_layers} layers (feature_layers / num_layers): its checkpoint would "
+                    f"lack the later layers that its config names, which transformers would initialise at random. "
+                    f"Load it whole to save it"
+                )
         if is_main_process is None:
             is_main_process = get_rank(default_group()) == 0
         if not is_main_process:
