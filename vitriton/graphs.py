@@ -611,6 +611,16 @@ def called_as_module(module: nn.Module) -> bool:
     )
 
 
+def called_inside(module: nn.Module) -> bool:
+    """Whether any module below ``module`` (not ``module`` itself) is :func:`called_as_module`. A walk of the
+    children's dicts, at less than half the host time of ``module.modules()``, which builds every name and a memo
+    set (it runs per forward, over every layer)."""
+    for child in module._modules.values():
+        if child is not None and (called_as_module(child) or called_inside(child)):
+            return True
+    return False
+
+
 def global_hooks() -> bool:
     """Whether the process has global module hooks (forward, backward, or their pre-hooks)."""
     return bool(

@@ -49,7 +49,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vitriton.graphs import AutoGraphs, called_as_module, global_hooks, replayable
+from vitriton.graphs import AutoGraphs, called_as_module, called_inside, global_hooks, replayable
 from vitriton.kernels._dispatch import autograd_records, eager_mode, eager_override, interpreting
 from vitriton.kernels.attention import allowed_keys, attention
 from vitriton.kernels.layernorm import layer_norm
@@ -530,7 +530,7 @@ class Encoder(nn.Module):
             return False
         if hidden.dtype != fc2.weight.dtype:
             return False
-        return not any(called_as_module(m) for layer in itertools.islice(self.layers, depth) for m in layer.modules())
+        return not any(called_inside(layer) for layer in itertools.islice(self.layers, depth))  # layers: in hooked
 
     def forward_accumulated(
         self, hidden: torch.Tensor, depth: int, record: Sequence[int] | None, **masks
