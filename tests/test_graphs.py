@@ -880,6 +880,27 @@ def test_explicit_runners_bind_replay_and_fall_back_on_the_cpu_with_fake_graphs(
         gc.enable()
 
 
+def test_training_mode_replays_unless_dropout_draws_masks(monkeypatch):
+    """Graphs would repeat one dropout mask: a model in training mode with dropout runs eagerly; without dropout
+    (the configs' default), or back in eval mode, it replays."""
+    for name in ("device_of", "_capture", "replay"):
+        monkeypatch.setattr(CUDAGraphRunner, name, _FakeRunner.__dict__[name])
+    monkeypatch.setattr(graphs, "check_cuda_graphs", lambda model, cuda_graphs: cuda_graph_buckets(cuda_graphs))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model = enable_cuda_graphs(vitriton.from_transformers(models.clip_model(), device="cpu"), (2,))
+    runner, px = model.vision_model.forward, models.pixels(1, models.CLIP_VISION["image_size"])
+    model.train()
+    assert runner.why_eager(px) is None
+    for module in model.modules():
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.1
+    assert "training mode with dropout" in runner.why_eager(px)
+    model.vision_model.encoder.layers[0].self_attn.eval()  # one attention still drops
+    assert "training mode with dropout" in runner.why_eager(px)
+    model.eval()
+    assert runner.why_eager(px) is None
+
+
 def _towers(model) -> list[Tower]:
     return [module for module in model.modules() if isinstance(module, Tower)]
 

@@ -430,11 +430,11 @@ class CUDAGraphRunner:
         return _state_reason() or self._training() or (binding if isinstance(binding, str) else None)
 
     def _training(self) -> str | None:
+        """A model in training mode whose dropout would draw new masks each call (a replay would repeat one). The
+        walk runs only in training mode; one without dropout (CLIP's and SigLIP's configs default to 0) replays."""
         model = self.model()
-        if model is not None and model.training:
-            return (
-                "the model is in training mode (attention dropout draws new masks each call); graphs replay eval mode"
-            )
+        if model is not None and model.training and any(map(drops, model.modules())):
+            return "the model is in training mode with dropout (new masks each call); graphs replay it without"
         return None
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> _Call | None:
@@ -609,6 +609,17 @@ def called_as_module(module: nn.Module) -> bool:
         or module._backward_pre_hooks
         or "forward" in module.__dict__
     )
+
+
+def drops(module: nn.Module) -> bool:
+    """Whether ``module`` applies dropout now: in training mode, an ``nn.Dropout`` (any kind) or a module with a
+    float ``dropout`` probability (vitriton's attention, transformers' attention modules) above 0."""
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    probability = getattr(module, "dropout", None)
+    return isinstance(probability, float) and probability > 0
 
 
 def called_inside(module: nn.Module) -> bool:
