@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vitriton.parallel.group import ProcessGroup, Shard, get_rank, get_world_size
 
@@ -52,9 +50,6 @@ def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
-SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
 def own_storage(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state_dict``'s tensors, each alone in its memory as safetensors requires: a view of a larger tensor (the
     q/k/v parts of a packed projection), a non-contiguous one, or a second name for a tensor already seen (tied
@@ -75,24 +70,10 @@ def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor], directory: str | os.PathLike, *, max_shard_size: int | str = "50GB"
 ) -> None:
     """Writes ``state_dict`` into ``directory`` as transformers does: ``model.safetensors``, or above
-    ``max_shard_size`` shards listed in ``model.safetensors.index.json`` (huggingface_hub's split). The weight
-    files of an earlier save that this one does not replace are removed, so the directory reads as this save."""
-    directory = Path(directory)
-    tensors = own_storage(state_dict)
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-    stale = [
-        directory / SAFE_INDEX,
-        directory / SAFE_SINGLE,
-        *(p for p in directory.iterdir() if SHARD_FILE.fullmatch(p.name)),
-    ]
-    for path in stale:
-        if path.name not in split.filename_to_tensors and path.is_file():
-            path.unlink()
-    for filename, names in split.filename_to_tensors.items():
-        save_file({name: tensors[name] for name in names}, directory / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    ``max_shard_size`` shards listed in ``model.safetensors.index.json`` (huggingface_hub's
+    ``save_torch_state_dict``, which also removes an earlier save's weight files, so the directory reads as this
+    save). Tensors sharing memory are copied apart first (``own_storage``)."""
+    save_torch_state_dict(own_storage(state_dict), directory, max_shard_size=max_shard_size)
 
 
 def join(prefix: str, name: str) -> str:
