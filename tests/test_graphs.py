@@ -728,7 +728,9 @@ def test_auto_graphs_run_eagerly_under_hooks_and_dispatch_modes(on_cpu):
         assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
 
 
-@pytest.mark.parametrize("change", ["parametrize", "instance_forward", "delete_layer", "replace_parameter"])
+@pytest.mark.parametrize(
+    "change", ["parametrize", "instance_forward", "delete_layer", "replace_parameter", "set_data", "dict_entry"]
+)
 def test_auto_graphs_start_again_after_python_level_changes(on_cpu, change):
     model, tower, first, second = on_cpu
     assert _replays(model, tower, first, second)
@@ -746,6 +748,10 @@ def test_auto_graphs_start_again_after_python_level_changes(on_cpu, change):
     elif change == "delete_layer":
         del tower.encoder.layers[-1]
         tower.encoder.num_hidden_layers -= 1
+    elif change == "set_data":  # the same Parameter, new storage: no registration hook runs
+        layer_norm.bias.data = layer_norm.bias.data * 2
+    elif change == "dict_entry":  # straight into the module's dict: no registration hook runs
+        layer_norm._parameters["bias"] = torch.nn.Parameter(layer_norm.bias * 2, requires_grad=False)
     else:
         layer_norm.bias = torch.nn.Parameter(layer_norm.bias * 2, requires_grad=False)
     expected = _pooled_eager(tower, second)
