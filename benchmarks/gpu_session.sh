@@ -23,8 +23,9 @@
 # stream: the GPU tests of the LayerNorm kernel, the encoders, graphs and patch, then batch 128 of ViT-L/14-336 and
 # so400m on the single-rank stream and on the pair path (A/B) against transformers compiled (default mode);
 # profile: the per-op breakdown of a ViT-L/14-336 batch-128 forward on the stream and on the pair path, and so400m's;
-# diagnose: batch 1's host profile of the plain and the compiled call (ViT-L/14-336, text L/14), batch 1 plain,
-# compiled and on the pair path with many samples, and ViT-L/14-336's per-op breakdown at batch 128 against compile.
+# diagnose: batch 1's host profile of the plain and the compiled call (ViT-L/14-336, text L/14), batch 1 of the
+# four reference models plain, on the pair path, compiled and with explicit graphs (interleaved rounds), and
+# ViT-L/14-336's per-op breakdown at batch 128 against torch.compile.
 set -uo pipefail
 stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128, stream, profile or diagnose}
 out=${2:?output directory}
@@ -142,13 +143,12 @@ profile)
 diagnose)
     run profile_host 200 python3 benchmarks/profile_host.py --models clip-vit-l14-336 clip-text-l14 \
         --profile vitriton vitriton-compile --calls 50 --top 30
-    run b1 200 python3 -m benchmarks.report --models clip-vit-l14-336 clip-text-l14 --batch-sizes 1 \
-        --providers vitriton vitriton-pair vitriton-compile --baseline vitriton --seconds 1 --max-reps 400 \
-        --out "$out/b1"
+    run b1_ab 200 python3 -m benchmarks.bench_ab --models clip-vit-l14-336 clip-text-l14 siglip-so400m-384 \
+        clip-vit-b16-224 --providers vitriton vitriton-pair vitriton-compile vitriton-graphs
     run profile_ops 170 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
         --providers vitriton hf-compile
     grep -E "wall|^[a-z].*(vitriton|hf-sdpa) " "$out/profile_host.log" | tail -10
-    grep " b1 " "$out/b1.log"
+    grep " b1 " "$out/b1_ab.log"
     grep -E "per forward|│ (gemm|attention|layernorm|other) " "$out/profile_ops.log"
     ;;
 compile)
