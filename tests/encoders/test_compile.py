@@ -121,6 +121,29 @@ def test_compiled_tower_options_and_batch_sizes(fake_graphs):
 
 
 @torch.no_grad()
+def test_compiled_model_follows_config_output_options_changed_after_compiling(fake_graphs):
+    """The config's output options are read from its dict (trunk.config_flag): changing one after compiling, by
+    attribute or through transformers' output_attentions property, is seen by the compiled model's guards."""
+    model = vitriton.from_transformers(models.clip_model(), device="cpu").vision_model
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    px = models.pixels(1, models.CLIP_VISION["image_size"])
+    assert compiled(px).hidden_states is None
+    config = model.config
+    try:
+        config.output_hidden_states = True
+        assert len(compiled(px).hidden_states) == models.CLIP_VISION["num_hidden_layers"] + 1
+        config.return_dict = False
+        assert isinstance(compiled(px), tuple)
+        config.return_dict = True
+        config._attn_implementation = "eager"
+        config.output_attentions = True
+        assert len(compiled(px).attentions) == models.CLIP_VISION["num_hidden_layers"]
+    finally:
+        config.output_hidden_states = config.output_attentions = False
+        config.return_dict = True
+
+
+@torch.no_grad()
 def test_compiled_tower_with_varying_feature_layers_and_copies(fake_graphs):
     """An int option that changes between calls (dynamo then makes it symbolic) still compiles whole; a shallow
     copy of a tower gets graphs of its own, so the original's compiled calls keep running the original."""

@@ -17,6 +17,7 @@ from vitriton.encoders.trunk import (
     TextTransformer,
     VisionTransformer,
     compute_dtype,
+    config_flag,
     interpreter_guard,
     normalize,
     returned,
@@ -26,7 +27,7 @@ from vitriton.parallel.data import nest_hooks
 
 
 def default_return_dict(config, return_dict: bool | None) -> bool:
-    return getattr(config, "return_dict", True) if return_dict is None else return_dict
+    return config_flag(config, "return_dict", True) if return_dict is None else return_dict
 
 
 def project(projection: nn.Module, pooled: torch.Tensor) -> torch.Tensor:

@@ -811,9 +811,9 @@ class Tower(ModelAttributes, nn.Module):
             torch.backends.cuda.mem_efficient_sdp_enabled(),
             torch.backends.cuda.math_sdp_enabled(),
             torch.backends.cuda.cudnn_sdp_enabled(),
-            getattr(config, "output_hidden_states", False),
-            getattr(config, "output_attentions", False),
-            getattr(config, "return_dict", True),
+            config_flag(config, "output_hidden_states", False),
+            config_flag(config, "output_attentions", False),
+            config_flag(config, "return_dict", True),
         )
 
     def graph_tokens(self, arguments: dict) -> int | None:
@@ -854,11 +854,11 @@ class Tower(ModelAttributes, nn.Module):
         """
         config = self.config
         if output_hidden_states is None:
-            output_hidden_states = getattr(config, "output_hidden_states", False)
+            output_hidden_states = config_flag(config, "output_hidden_states", False)
         if output_attentions is None:
-            output_attentions = getattr(config, "output_attentions", False)
+            output_attentions = config_flag(config, "output_attentions", False)
         if return_dict is None:
-            return_dict = getattr(config, "return_dict", True)
+            return_dict = config_flag(config, "return_dict", True)
         total = self.encoder.num_hidden_layers
         if feature_layers is not None:
             record = resolve_feature_layers(feature_layers, total)
@@ -899,6 +899,23 @@ class Tower(ModelAttributes, nn.Module):
             attentions=attentions,
         )
         return returned(output, return_dict)
+
+
+# Where transformers' configs keep the output options a forward reads on every call: the instance's dict
+# (output_attentions behind a property that returns ``_output_attentions``).
+_CONFIG_KEYS = {"output_hidden_states": "output_hidden_states", "output_attentions": "_output_attentions",
+                "return_dict": "return_dict"}  # fmt: skip
+
+
+def config_flag(config: object, name: str, default: bool) -> bool:
+    """``getattr(config, name, default)`` for an output option, read from the instance's dict where transformers
+    keeps it. That skips the config classes' Python ``__getattribute__`` (two levels in transformers 5.17), and under
+    torch.compile it makes the guard a dict lookup in C++ rather than an attribute read that runs that Python on
+    every compiled call (three reads cost 13 us a call on this project's CPU). A config that does not hold the key
+    there (another class, a renamed field) is read with getattr."""
+    key = _CONFIG_KEYS[name]
+    values = vars(config)  # not getattr(config, "__dict__"), which runs that Python
+    return values[key] if key in values else getattr(config, name, default)
 
 
 def pad_to_16_bytes(width: int) -> int:
