@@ -10,6 +10,7 @@ import inspect
 import pickle
 import random
 import weakref
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -718,6 +719,15 @@ def test_auto_graphs_run_eagerly_under_hooks_and_dispatch_modes(on_cpu):
         handle.remove()
     assert seen == [1, 1]  # the call, then the reference call of the assert
     assert torch.equal(_pooled(model, second), _pooled_eager(tower, first))  # replays again
+    # A module's hook dict replaced as a whole (torch's export does this) is read afresh, not a kept dict object.
+    mlp = tower.encoder.layers[0].mlp
+    saved = mlp._forward_hooks
+    mlp._forward_hooks = OrderedDict({0: lambda *args: seen.append(2)})
+    try:
+        assert torch.equal(_pooled(model, second), _pooled_eager(tower, second))
+    finally:
+        mlp._forward_hooks = saved
+    assert seen == [1, 1, 2, 2]
 
     class Logging(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -580,22 +580,22 @@ _buffers_of = operator.attrgetter("_buffers")
 _not_none = functools.partial(operator.is_not, None)
 _requires_grad = operator.attrgetter("requires_grad")
 _data_ptr = torch.Tensor.data_ptr
-_HOOKS = tuple(
-    operator.attrgetter(name)
-    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-)
+_HOOK_NAMES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOKS = tuple(map(operator.attrgetter, _HOOK_NAMES))
+_hooks_in = operator.itemgetter(*_HOOK_NAMES)  # a module's hook dicts, from its instance dict
 _dict_of = operator.attrgetter("__dict__")
-_children_of = operator.attrgetter("_modules")
+_children_in = operator.itemgetter("_modules")
 _has_forward = operator.methodcaller("__contains__", "forward")
 
 
-def _structure_of(modules: list[nn.Module]) -> tuple:
+def _structure_of(modules: list[nn.Module], namespaces: list[dict]) -> tuple:
     """What a forward's Python depends on that no registration hook reports: each module's class, whether the
-    instance has a ``forward`` of its own, and how many children it holds (C-level maps: it runs per call)."""
+    instance has a ``forward`` of its own, and how many children it holds. ``namespaces`` are the modules'
+    instance dicts, read by C-level maps (it runs per call: half the time of attribute reads)."""
     return (
         *map(type, modules),
-        *map(_has_forward, map(_dict_of, modules)),
-        *map(len, map(_children_of, modules)),
+        *map(_has_forward, namespaces),
+        *map(len, map(_children_in, namespaces)),
     )
 
 
@@ -681,6 +681,7 @@ class AutoGraphs:
         # Its submodules (not the tower itself: a reference to it here would be a cycle that keeps a deleted
         # model's memory until the garbage collector runs), and their classes, forwards and children.
         self._modules: list[nn.Module] = []
+        self._namespaces: list[dict] = []  # their instance dicts
         self._structure: tuple = ()
         self._dicts: list[dict] = []  # the parameter and buffer dicts of the tower and its submodules
         self._parallel = False  # sharded over more than one rank
@@ -783,7 +784,8 @@ class AutoGraphs:
         _watch_registrations()
         if self._version != _structure["version"]:
             self._modules = [module for module in tower.modules() if module is not tower]
-            self._structure = _structure_of(self._modules)
+            self._namespaces = list(map(_dict_of, self._modules))
+            self._structure = _structure_of(self._modules, self._namespaces)
             owners = [tower, *self._modules]
             # Dicts empty now are left out: a forward reads no tensor that was not there when it was walked.
             self._dicts = list(filter(None, [*map(_parameters_of, owners), *map(_buffers_of, owners)]))
@@ -826,11 +828,12 @@ class AutoGraphs:
         Runs after the replay is launched, while the GPU runs it; the call then runs eagerly."""
         if global_hooks():
             return "a global module hook is registered; replays would skip it"
-        for hooks in _HOOKS:
-            if any(map(hooks, self._modules)):
-                hooked = next(module for module in self._modules if hooks(module))
-                return f"a {type(hooked).__name__} in the tower has hooks; replays would skip them"
-        if _structure_of(self._modules) == self._structure:
+        # The hook dicts are read from the instance dicts on every call (torch's own code replaces a module's hook
+        # dicts at times, so the dicts themselves are not kept).
+        if any(map(any, map(_hooks_in, self._namespaces))):
+            hooked = next(module for module in self._modules if any(hooks(module) for hooks in _HOOKS))
+            return f"a {type(hooked).__name__} in the tower has hooks; replays would skip them"
+        if _structure_of(self._modules, self._namespaces) == self._structure:
             return None
         self._version = -1  # walk the tower again, and capture again: the graphs ran the old Python
         self._fingerprint = None
