@@ -6,9 +6,11 @@ The kernels pick a path per call from thresholds measured kernel by kernel (``be
 ``bench_attention``); this times what the choice does to a whole vitriton forward, where the layouts meet
 (the packed q/k/v views make the attention read strided rows):
   qkv      triton: the head-split Triton projection at every M; packed: cuBLAS into the packed layout at every M
+           (packed-qkv alone: at every M, the other choices as they are)
   linear   persistent: the persistent TMA kernel at every M (the default); tiled: one program per tile
   tma      default: TMA descriptors from TMA_MIN_ROWS rows (plain loads below: cheaper to launch); all: at every M
-Each cell is the median ms of plain calls (CUDA events); ratios are against triton-qkv/tiled.
+Each cell is the median ms of plain calls (CUDA events); ratios are against triton-qkv/tiled. Small calls replay
+from automatic CUDA graphs captured afresh for each variant, so batch 1 and 8 compare the GPU's time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ NEVER = 1 << 62
 DEFAULTS = qkv_module.PACKED_MIN_ROWS, linear_module.PERSISTENT_MIN_ROWS, matmul_module.TMA_MIN_ROWS
 # variant -> (qkv.PACKED_MIN_ROWS, linear.PERSISTENT_MIN_ROWS, _matmul.TMA_MIN_ROWS)
 VARIANTS = {
+    "packed-qkv": (1, DEFAULTS[1], DEFAULTS[2]),
     "triton-qkv/persistent": (NEVER, 1, DEFAULTS[2]),
     "packed-qkv/persistent": (1, 1, DEFAULTS[2]),
     "packed-qkv/tiled": (1, NEVER, DEFAULTS[2]),
@@ -60,6 +63,7 @@ def main() -> None:
                 ms = {}
                 for variant, values in VARIANTS.items():
                     use(values)
+                    vitriton.enable_cuda_graphs(model, "auto")  # small calls capture this variant's kernels afresh
                     with torch.inference_mode():
                         ms[variant] = median_ms(
                             lambda model=model, x=x: model(x), warmup=3, reps=10 if batch >= 32 else 30

@@ -25,9 +25,11 @@
 # profile: the per-op breakdown of a ViT-L/14-336 batch-128 forward on the stream and on the pair path, and so400m's;
 # diagnose: batch 1's host profile of the plain and the compiled call (ViT-L/14-336, text L/14), batch 1 of the
 # four reference models plain, on the pair path, compiled and with explicit graphs (interleaved rounds), and
-# ViT-L/14-336's per-op breakdown at batch 128 against torch.compile.
+# ViT-L/14-336's per-op breakdown at batch 128 against torch.compile;
+# small_m: whole-model A/B of the path choices at batch 1 and 8 (automatic graphs), cuBLAS into the packed q/k/v
+# layout at every M among them.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128, stream, profile or diagnose}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128, stream, profile, diagnose or small_m}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -150,6 +152,11 @@ diagnose)
     grep -E "wall|^[a-z].*(vitriton|hf-sdpa) " "$out/profile_host.log" | tail -10
     grep " b1 " "$out/b1_ab.log"
     grep -E "per forward|│ (gemm|attention|layernorm|other) " "$out/profile_ops.log"
+    ;;
+small_m)
+    run paths_small 400 python3 -m benchmarks.bench_paths --models clip-vit-l14-336 siglip-so400m-384 \
+        clip-vit-b16-224 clip-vit-h14-224 clip-text-l14 --batch-sizes 1 8
+    cat "$out/paths_small.log"
     ;;
 compile)
     run gpu_tests_compile 200 python3 -m pytest tests/encoders/test_compile.py -m gpu -q -p no:cacheprovider
