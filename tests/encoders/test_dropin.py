@@ -3,6 +3,8 @@ the same outputs (fp32, 1e-4 relative), tuples with return_dict=False, attention
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -235,6 +237,41 @@ def test_layer_backward_hooks_and_replaced_forward_run(family, clip_pair, siglip
         finally:
             del layer.forward
         assert not zeroed.hidden_states[2].any(), type(model).__name__
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "CLIPTextModel", "SiglipVisionModel", "SiglipTextModel"])
+def test_tower_classes_hold_transformers_parts(name):
+    """transformers 5.17's tower classes hold the tower's parts themselves: ``model.encoder.layers[i]`` (to hook a
+    layer), ``model.embeddings``, the final LayerNorm, SigLIP's ``head``. vitriton's hold the tower as a child and
+    read those parts from it, the same modules; ``get_submodule`` and a copy of the model work too."""
+    tower = "vision" if "Vision" in name else "text"
+    hf = eager(transformers_model(name, tower, seed=5))
+    ours = vitriton.from_transformers(hf)
+    parts = ["embeddings", "encoder"]
+    parts += ["pre_layrnorm", "post_layernorm"] if name == "CLIPVisionModel" else []
+    parts += ["post_layernorm", "head"] if name == "SiglipVisionModel" else []
+    parts += ["final_layer_norm"] if tower == "text" else []
+    parts += ["head"] if name == "SiglipTextModel" else []
+    inner = getattr(ours, f"{tower}_model")
+    for part in parts:
+        assert hasattr(hf, part), part
+        assert getattr(ours, part) is getattr(inner, part), part
+    assert ours.get_submodule("encoder.layers.1") is inner.encoder.layers[1]
+    with pytest.raises(AttributeError, match=f"'{name}' object has no attribute 'no_such_part'"):
+        ours.no_such_part  # noqa: B018
+    copied = copy.deepcopy(ours)
+    assert copied.encoder is copied.get_submodule(f"{tower}_model.encoder") is not inner.encoder
+
+    seen = {}
+    handles = [model.encoder.layers[1].register_forward_hook(lambda m, a, out, key=key: seen.setdefault(key, out))
+               for key, model in (("hf", hf), ("ours", ours))]  # fmt: skip
+    try:
+        call(hf, tower, name), call(ours, tower, name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert_same(seen["ours"], seen["hf"], "layer 1 output, hooked through model.encoder")
 
 
 DROP_IN_CLASSES = [

@@ -37,10 +37,34 @@ def project(projection: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
         return projection(pooled)
 
 
-class VisionModel(PretrainedMixin, nn.Module):
-    """A vision tower as transformers' ``*VisionModel``; the tower itself is ``.vision_model``. Its state dict's
-    keys are the tower's (``embeddings...``), as transformers 5 lays out the class; keys under ``vision_model.``
-    load too."""
+class NestedTower:
+    """An outer model whose tower is its child ``nested``: what the model does not hold itself is read from the
+    tower. transformers 5.17's ``*VisionModel`` / ``*TextModel`` hold the tower's parts themselves, so code written
+    for them reads ``model.encoder.layers[i]`` (to hook a layer), ``model.embeddings`` or ``model.post_layernorm``;
+    here those are the tower's own modules (the same objects), as its state dict's keys are the tower's."""
+
+    nested: str
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError as missing:
+            if name.startswith("__") or name == self.nested:
+                raise
+            try:
+                tower = super().__getattr__(self.nested)
+            except AttributeError:
+                raise missing from None
+            try:
+                return getattr(tower, name)
+            except AttributeError:
+                raise missing from None
+
+
+class VisionModel(NestedTower, PretrainedMixin, nn.Module):
+    """A vision tower as transformers' ``*VisionModel``; the tower itself is ``.vision_model``, whose parts read
+    as the model's own (``model.encoder``: :class:`NestedTower`). Its state dict's keys are the tower's
+    (``embeddings...``), as transformers 5 lays out the class; keys under ``vision_model.`` load too."""
 
     tower = "vision"
     nested = "vision_model"
@@ -56,9 +80,9 @@ class VisionModel(PretrainedMixin, nn.Module):
         return self.vision_model(pixel_values, interpolate_pos_encoding, **kwargs)
 
 
-class TextModel(PretrainedMixin, nn.Module):
-    """A text tower as transformers' ``*TextModel``; the tower itself is ``.text_model``, and the state dict's
-    keys are its own, as for :class:`VisionModel`."""
+class TextModel(NestedTower, PretrainedMixin, nn.Module):
+    """A text tower as transformers' ``*TextModel``; the tower itself is ``.text_model``, and its parts and state
+    dict's keys read as the model's own, as for :class:`VisionModel`."""
 
     tower = "text"
     nested = "text_model"
