@@ -876,12 +876,12 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
     """A tower's output from the opaque op, traced by dynamo; None where the call must be traced through instead:
     outside dynamo (torch.export's default, non-strict tracing), with grad on (the op has no backward), under
     autocast, under tensor parallelism, with the automatic graphs off, on another device than theirs, with
-    ``output_attentions``, with arguments other than tensors and constants, or while a submodule or the process
-    has module hooks (the op's fake implementation runs the forward, which would hand them fake tensors; hooks
-    added after compiling run in the op's plain call). Int arguments (``feature_layers``) go to the op as ints,
-    which dynamo may make symbolic once they vary. (Strict torch.export, which runs dynamo, is refused by the
-    op's fake implementation: dynamo in torch 2.11 folds ``is_exporting()`` to True while it compiles, so traced
-    code cannot tell the two apart.)"""
+    ``output_attentions`` or ``output_hidden_states`` as a list of layers, with arguments other than tensors and
+    constants, or while a submodule or the process has module hooks (the op's fake implementation runs the
+    forward, which would hand them fake tensors; hooks added after compiling run in the op's plain call). Int
+    arguments (``feature_layers``) go to the op as ints, which dynamo may make symbolic once they vary. (Strict
+    torch.export, which runs dynamo, is refused by the op's fake implementation: dynamo in torch 2.11 folds
+    ``is_exporting()`` to True while it compiles, so traced code cannot tell the two apart.)"""
     if not torch.compiler.is_dynamo_compiling():
         return None
     graphs = getattr(tower, "auto_graphs", None)
@@ -916,8 +916,8 @@ def compiled_call(tower: nn.Module, forward_id: int, positional: tuple[str, ...]
         named.get("output_hidden_states"), named.get("output_attentions"), named.get("return_dict"),
         named.get("feature_layers"),
     )  # fmt: skip
-    if attentions:
-        return None
+    if attentions or (record is not None and None in record):
+        return None  # the weights, or hidden states with places left None (layers asked for by index)
     flat = tower_op(graphs.handle, forward_id, tensors, ints, repr((tuple(names), tuple(options), tuple(int_options))))
     states = 0 if record is None else len(record)
     pooled = flat[1] if len(flat) == states + 2 else None

@@ -163,13 +163,15 @@ def test_compiled_tower_with_varying_feature_layers_and_copies(fake_graphs):
     torch.testing.assert_close(compiled(px, 1).hidden_states, tower(px, feature_layers=1).hidden_states)
 
 
-@pytest.mark.parametrize("case", ["grad", "graphs off", "attentions", "hooks"])
+@pytest.mark.parametrize("case", ["grad", "graphs off", "attentions", "hooks", "hidden states by layer"])
 def test_compiled_towers_traced_through_where_graphs_do_not_serve(case, fake_graphs):
     """Where the plain call could not replay, or a hook would see the fake run's tensors, compile traces the
     kernels as before."""
     model = vitriton.from_transformers(models.clip_model(), device="cpu")
     px = models.pixels(1, models.CLIP_VISION["image_size"])
     kwargs = dict(output_attentions=True) if case == "attentions" else {}
+    if case == "hidden states by layer":
+        kwargs = dict(output_hidden_states=[1])  # a place left None: the op returns tensors only
     if case == "graphs off":
         vitriton.enable_cuda_graphs(model, False)
     if case == "hooks":

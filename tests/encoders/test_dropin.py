@@ -25,6 +25,8 @@ def assert_same(ours, ref, what: str = "output") -> None:
         assert isinstance(ours, tuple) and len(ours) == len(ref), f"{what}: {type(ours)} of {len(ours)} != {len(ref)}"
         for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
             assert_same(a, b, f"{what}[{i}]")
+    elif ref is None:
+        assert ours is None, f"{what}: {type(ours).__name__} where transformers gives None"
     else:
         assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
         scale = max(ref.abs().max().item(), 1e-6)
@@ -97,6 +99,24 @@ def test_features_and_towers_as_transformers(family, clip_pair, siglip_pair):
     ours_vision = vitriton.from_transformers(hf_vision)
     assert type(ours_vision).__name__ == vision_cls.__name__
     assert_same(ours_vision(px, False, output_attentions=True), hf_vision(px, False, output_attentions=True))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_hidden_states_of_chosen_layers(family, clip_pair, siglip_pair):
+    """transformers 5.17 takes ``output_hidden_states`` as a list (tuple, set) of layer indices: hidden_states then
+    has one place per layer, the chosen layers' outputs and None elsewhere (no embeddings state; an index out of
+    range chooses nothing). Towers, features and the full model alike."""
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px, (ids, mask) = models.pixels(2, size, seed=9), models.text(2, 9, seed=9)
+    for layers in ([1], [0, 1], (0,), {1, 7}, [5], [-1], []):
+        ref = hf.vision_model(px, output_hidden_states=layers)
+        assert_same(ours.vision_model(px, output_hidden_states=layers), ref, f"vision {layers}")
+        ref = hf.text_model(ids, mask, output_hidden_states=layers, return_dict=False)
+        assert_same(ours.text_model(ids, mask, output_hidden_states=layers, return_dict=False), ref, f"text {layers}")
+    assert_same(ours(ids, px, mask, output_hidden_states=[0]), hf(ids, px, mask, output_hidden_states=[0]), "full")
+    ref = hf.get_image_features(px, output_hidden_states=[1])
+    assert_same(ours.get_image_features(px, output_hidden_states=[1]), ref, "image features")
 
 
 @torch.no_grad()

@@ -514,7 +514,7 @@ class Encoder(nn.Module):
         return EncoderOutput(
             delta,
             residual,
-            None if record is None else tuple(states[i] for i in record),
+            None if record is None else tuple(None if i is None else states[i] for i in record),
             tuple(attentions) if output_attentions else None,
         )
 
@@ -556,7 +556,7 @@ class Encoder(nn.Module):
         return EncoderOutput(
             stream,
             None,
-            None if record is None else tuple(states[i] for i in record),
+            None if record is None else tuple(None if i is None else states[i] for i in record),
             tuple(attentions) if masks["output_attentions"] else None,
             shift=shift,
         )
@@ -832,7 +832,7 @@ class Tower(ModelAttributes, nn.Module):
             )
         except (TypeError, ValueError):
             return None
-        return tokens * (1 + len(record or ()))
+        return tokens * (1 + sum(index is not None for index in record or ()))
 
     def input_tokens(self, arguments: dict) -> int | None:
         """Tokens in a call's input (batch x sequence), or None when it is not the usual batch-first tensor."""
@@ -844,13 +844,14 @@ class Tower(ModelAttributes, nn.Module):
         output_attentions: bool | None,
         return_dict: bool | None,
         feature_layers: int | Sequence[int] | None,
-    ) -> tuple[list[int] | None, int, bool, bool]:
+    ) -> tuple[list[int | None] | None, int, bool, bool]:
         """Returns ``(record, depth, output_attentions, return_dict)``; ``record`` is None when no hidden states
-        are asked for.
+        are asked for, else the hidden states' indices in the order returned (None: a place left None).
 
         With ``feature_layers``, hidden_states holds the requested layers in the order asked, and the layers after
         the deepest one are not run; unless that is the last layer, last_hidden_state is the deepest requested
-        state (un-normalised) and pooler_output is None.
+        state (un-normalised) and pooler_output is None. ``output_hidden_states`` may be a list (tuple, set) of
+        layer indices, as transformers 5.17 takes it (:func:`hidden_state_slots`).
         """
         config = self.config
         if output_hidden_states is None:
@@ -864,9 +865,7 @@ class Tower(ModelAttributes, nn.Module):
             record = resolve_feature_layers(feature_layers, total)
             depth = max(record)
         else:
-            # transformers records each layer's input and the last layer's output: nothing for a tower of no layers
-            record = (list(range(total + 1)) if total else []) if output_hidden_states else None
-            depth = total
+            record, depth = hidden_state_slots(output_hidden_states, total), total
         built = len(self.encoder.layers)
         if depth > built:
             raise ValueError(
@@ -899,6 +898,21 @@ class Tower(ModelAttributes, nn.Module):
             attentions=attentions,
         )
         return returned(output, return_dict)
+
+
+def hidden_state_slots(output_hidden_states, num_layers: int) -> list[int | None] | None:
+    """Which hidden states ``output_hidden_states`` asks for, as transformers 5.17 reads it: None for no hidden
+    states; for True, every layer's input and the last layer's output (nothing for a tower of no layers). A list,
+    tuple or set of layer indices (0 = the first layer) asks for those layers' outputs alone: hidden_states then
+    holds one place per layer, None where a layer was not asked for, and no embeddings state (an index outside
+    0..num_layers - 1, negative ones too, matches no layer, and an empty list asks for none)."""
+    if isinstance(output_hidden_states, list | tuple | set | frozenset):
+        if not output_hidden_states:
+            return None
+        return [layer + 1 if layer in output_hidden_states else None for layer in range(num_layers)]
+    if not output_hidden_states:
+        return None
+    return list(range(num_layers + 1)) if num_layers else []
 
 
 # Where transformers' configs keep the output options a forward reads on every call: the instance's dict
