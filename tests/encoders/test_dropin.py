@@ -324,6 +324,43 @@ def call(model, tower: str | None, name: str):
 
 @torch.no_grad()
 @pytest.mark.parametrize(("name", "tower"), DROP_IN_CLASSES, ids=[name for name, _ in DROP_IN_CLASSES])
+def test_set_input_embeddings_as_transformers(name, tower):
+    """``set_input_embeddings``: a text tower (SiglipModel's too) takes a new ``nn.Embedding`` (a resized
+    vocabulary: its ids are accepted, its table counts as embeddings, its weight is in the state dict);
+    CLIPModel and CLIPVisionModelWithProjection raise NotImplementedError as transformers' do; a vision tower
+    raises it too, since its patch embedding is not a module (transformers replaces the convolution)."""
+    hf = transformers_model(name, tower, seed=7)
+    ours = vitriton.from_transformers(hf)
+    torch.manual_seed(8)
+    table = torch.nn.Embedding(120, models.CLIP_TEXT["hidden_size"])
+    if name in ("CLIPModel", "CLIPVisionModelWithProjection") or tower == "vision":
+        unset = tower is None or name.endswith("WithProjection")
+        if unset:
+            with pytest.raises(NotImplementedError):
+                hf.set_input_embeddings(table)
+        with pytest.raises(NotImplementedError, match="input embeddings" if unset else "GEMM"):
+            ours.set_input_embeddings(table)
+        return
+    for model in (hf, ours):
+        model.set_input_embeddings(table)
+        assert model.get_input_embeddings() is table
+    ids, mask = models.text(2, 9, vocab=120, seed=8)
+    ids[:, 1] = 119  # beyond the config's vocabulary of 99
+    text = (lambda model: model.text_model) if tower is None else (lambda model: model)
+    assert_same(text(ours)(ids, mask), text(hf)(ids, mask), "with the new table")
+    assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
+    key = next(key for key in hf.state_dict() if key.endswith("token_embedding.weight"))
+    assert ours.state_dict()[key] is not None and torch.equal(ours.state_dict()[key], table.weight)
+    with pytest.raises(ValueError, match="token id 120 is outside the vocabulary of 120 tokens"):
+        text(ours)(torch.full((1, 3), 120))
+    if tower is None:  # a patched model: transformers' own code puts the table in place
+        patched = vitriton.patch(transformers_model(name, tower, seed=7))
+        patched.text_model.embeddings.token_embedding = table
+        assert_same(patched.text_model(ids, mask), text(hf)(ids, mask), "patched, table set by attribute")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("name", "tower"), DROP_IN_CLASSES, ids=[name for name, _ in DROP_IN_CLASSES])
 def test_state_dict_is_transformers(name, tower):
     """Both ways, strictly: vitriton's state dict has transformers' keys and shapes, and a transformers state dict
     loads into vitriton's model, in place, which then gives that model's outputs."""

@@ -294,6 +294,17 @@ class PretrainedMixin(ModelAttributes):
             f"model.text_model.embeddings.token_embedding or model.vision_model.embeddings"
         )
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """The tower's ``set_input_embeddings`` where ``get_input_embeddings`` reads it; dual encoders do as
+        transformers 5.17's (SiglipModel sets the text tower's, CLIPModel raises NotImplementedError), and so does
+        ``CLIPVisionModelWithProjection``, whose transformers class raises too."""
+        if self.tower == "vision" and not self.projected:
+            return self.vision_model.set_input_embeddings(value)
+        if self.tower == "text" or self.text_input_embeddings:
+            return self.text_model.set_input_embeddings(value)
+        hint = "" if self.tower else ": set a tower's (model.text_model.set_input_embeddings)"
+        raise NotImplementedError(f"{type(self).__name__} does not set its input embeddings, as in transformers{hint}")
+
     @property
     def parallel_mode(self) -> str:
         """What ``parallel=`` (``"auto"`` included) made of this model: "data", "tensor" or "none" (one process,

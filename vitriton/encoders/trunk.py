@@ -756,7 +756,7 @@ class ModelAttributes:
         them; every parameter is frozen, so ``only_trainable`` counts those a caller unfroze."""
         skip = set()
         if exclude_embeddings:
-            skip = {id(m.weight) for m in self.modules() if isinstance(m, VocabParallelEmbedding)}
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, VocabParallelEmbedding | nn.Embedding)}
             skip |= {id(m.position_embedding) for m in self.modules() if hasattr(m, "position_embedding")}
         return sum(
             p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
@@ -1114,7 +1114,7 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
-        self.vocab_size, self.max_positions = config.vocab_size, config.max_position_embeddings
+        self.max_positions = config.max_position_embeddings
         self.token_embedding = VocabParallelEmbedding.load(
             join(prefix, "token_embedding"), weights, vocab_size=config.vocab_size, hidden_size=config.hidden_size
         )
@@ -1125,13 +1125,25 @@ class TextEmbeddings(nn.Module):
         )
         rename_hooks(self)
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Rows of the token table, read off the module in its place (``set_input_embeddings``, or transformers'
+        code setting ``token_embedding``, may have put an ``nn.Embedding`` of another vocabulary there); None when
+        that module does not say."""
+        table = self.token_embedding
+        if isinstance(table, VocabParallelEmbedding):
+            return table.shard.total
+        return getattr(table, "num_embeddings", None)
+
     def check(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}")
         seq = input_ids.shape[-1]
         if seq > self.max_positions:
             raise ValueError(f"text has {seq} tokens; the position table holds {self.max_positions}")
-        self.check_range(input_ids, self.vocab_size, "token id", f"the vocabulary of {self.vocab_size} tokens")
+        vocab_size = self.vocab_size
+        if vocab_size is not None:
+            self.check_range(input_ids, vocab_size, "token id", f"the vocabulary of {vocab_size} tokens")
         if position_ids is not None:
             self.check_range(position_ids, self.max_positions, "position id", f"0..{self.max_positions - 1}")
 
@@ -1226,6 +1238,17 @@ class VisionTransformer(Tower):
         """The patch-embedding module (weight ``patch_weight``), where transformers gives its ``Conv2d``."""
         return self.embeddings
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """transformers puts a new ``Conv2d`` in the patch embedding's place; here the patch embedding is a GEMM
+        on ``patch_weight`` (kept padded for it), so a module cannot take its place: this raises, naming what
+        works instead."""
+        raise NotImplementedError(
+            f"set_input_embeddings({type(value).__name__}) on {type(self).__name__}: vitriton's patch embedding is a "
+            f"GEMM on the conv weight, not a module to replace. Copy a new weight of the same shape in place "
+            f"(model.get_input_embeddings().patch_weight.copy_(conv.weight), or load_state_dict), or load a "
+            f"checkpoint saved with the new convolution"
+        )
+
     def forward_head(self, encoded: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(last_hidden_state, pooler_output)`` from the encoder's output."""
         if self.norm_all_tokens:
@@ -1316,6 +1339,12 @@ class TextTransformer(Tower):
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding, as transformers' text model gives it."""
         return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Puts ``value`` (an ``nn.Embedding``, as transformers' resizing of a vocabulary makes) in the token
+        embedding's place; token ids are then checked against its ``num_embeddings``. Under tensor parallelism a
+        full table on every rank serves, since its lookups need no reduce."""
+        self.embeddings.token_embedding = value
 
     def forward_head(self, encoded: EncoderOutput, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last = encoded.normed(self.final_layer_norm)
