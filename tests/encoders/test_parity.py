@@ -241,6 +241,21 @@ def test_activations_beyond_the_fused_ones(act):
     assert_pooled_output(ours(pixels), hf(pixels), act)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("act", ["prelu", "xielu"])
+def test_activations_with_their_own_tensors(act, tmp_path):
+    """prelu's slope and xielu's alphas are checkpoint tensors (mlp.activation_fn.*): trained values, not a fresh
+    module's, reach the output, and the state dict holds them under transformers' keys."""
+    torch.manual_seed(4)
+    hf = models.perturb_vectors(CLIPVisionModel(CLIPVisionConfig(**{**models.CLIP_VISION, "hidden_act": act})).eval())
+    pixels = models.pixels(2, models.CLIP_VISION["image_size"])
+    ours = vitriton.from_pretrained(models.save(hf, tmp_path))
+    assert_pooled_output(ours(pixels), hf(pixels), act)
+    assert ours.state_dict().keys() == hf.state_dict().keys()
+    patched = vitriton.patch(copy.deepcopy(hf))
+    assert_pooled_output(patched(pixels), hf(pixels), f"{act} patched")
+
+
 def test_an_unknown_activation_is_named():
     hf = CLIPVisionModel(CLIPVisionConfig(**{**models.CLIP_VISION, "hidden_act": "gelu"})).eval()
     hf.config.hidden_act = "nope"

@@ -278,16 +278,19 @@ FUSED_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tan
 
 class MLP(nn.Module):
     """fc1 (column-parallel, activation fused into its epilogue) -> fc2 (row-parallel). An activation the GEMM
-    epilogue does not have (relu, silu, ...) runs after fc1 as transformers' own ``ACT2FN`` module."""
+    epilogue does not have (relu, silu, ...) runs after fc1 as transformers' own ``ACT2FN`` module, under
+    transformers' name ``activation_fn``, with the tensors of one that has its own (prelu, xielu) read from the
+    checkpoint."""
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
         act = config.hidden_act
         fused = FUSED_ALIASES.get(act, act) if isinstance(act, str) else None
         if fused is not None and fused in ACTIVATIONS:
-            self.activation, self.separate_activation = fused, None
+            self.activation, self.activation_fn = fused, None
         else:
-            self.activation, self.separate_activation = None, activation_module(act)
+            self.activation = None
+            self.activation_fn = activation_module(act, join(prefix, "activation_fn"), weights)
         hidden, inner = config.hidden_size, config.intermediate_size
         # Each rank's share of the inner dimension is padded to whole 16 bytes (``SHARD_MULTIPLE``): the padded
         # columns of fc1 are zero before the activation, and fc2's zero columns cancel whatever it makes of them.
@@ -306,16 +309,29 @@ class MLP(nn.Module):
     def inner(self, x: torch.Tensor) -> torch.Tensor:
         """fc1 and the activation: what fc2 takes."""
         inner = self.fc1(x, self.activation)
-        return inner if self.separate_activation is None else self.separate_activation(inner)
+        return inner if self.activation_fn is None else self.activation_fn(inner)
 
 
-def activation_module(act) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
-    """transformers' module for ``hidden_act`` (a name in ``ACT2FN``, or a callable as configs may hold)."""
+def activation_module(act, prefix: str, weights: Weights) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' module for ``hidden_act`` (a name in ``ACT2FN``, or a callable as configs may hold). The
+    tensors of an activation that has its own (prelu's slope, xielu's alphas) are read from ``prefix`` in the
+    checkpoint, where transformers saves them: a trained value differs from a fresh module's. A tensor the module
+    makes in a dtype of its own (xielu's bf16) keeps that dtype, as in transformers; the others take the model's."""
     if callable(act):
         return act
     if act not in ACT2FN:
         raise ValueError(f"hidden_act {act!r} is not one of transformers' activations ({', '.join(sorted(ACT2FN))})")
-    return ACT2FN[act]
+    module = ACT2FN[act]
+    own = module.state_dict()
+    if not own:
+        return module
+    loaded = {}
+    for name, fresh in own.items():
+        tensor = weights.get_tensor(join(prefix, name), shape=fresh.shape)
+        explicit = fresh.is_floating_point() and fresh.dtype != torch.get_default_dtype()
+        loaded[name] = tensor.to(fresh.dtype) if explicit else tensor
+    module.load_state_dict(loaded, assign=True)
+    return module.requires_grad_(False)
 
 
 class EncoderLayer(nn.Module):
