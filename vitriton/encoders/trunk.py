@@ -1012,10 +1012,16 @@ class PatchEmbeddings(nn.Module):
                     f"pass pixel_values.permute(0, 3, 1, 2) (batch, {self.num_channels}, height, width)"
                 )
             raise ValueError(f"pixel_values has {channels} channels; the config expects {self.num_channels}")
+        if height < self.patch_size or width < self.patch_size:
+            # As transformers' convolution refuses it; a config whose image_size is below its patch_size gets here.
+            raise ValueError(f"image size {height}x{width} is smaller than one {self.patch_size}-pixel patch")
         patches = (height // self.patch_size) * (width // self.patch_size)
         if interpolate_pos_encoding:
-            if height < self.patch_size or width < self.patch_size:
-                raise ValueError(f"image size {height}x{width} is smaller than one {self.patch_size}-pixel patch")
+            if len(self.position_embedding) == (1 if self.class_embedding is not None else 0):
+                raise ValueError(
+                    f"the position table holds no patch position to interpolate: the config's image_size "
+                    f"{self.image_size} is smaller than its patch_size {self.patch_size}"
+                )
         elif self.class_embedding is not None and (height, width) != (self.image_size, self.image_size):
             # As transformers: CLIP's embeddings want the config's image size, SigLIP's only as many patches as its
             # position table holds, in any grid, the table added row by row (or a table of one position, added to
