@@ -50,6 +50,33 @@ def test_siglip_takes_any_size_with_the_config_patch_count():
         ours(models.pixels(1, (42, 35)))
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_config_image_smaller_than_a_patch(family):
+    """image_size < patch_size gives no patch: transformers' convolution refuses the config's own size, and its
+    position table has no grid to interpolate; vitriton names both rather than running a tower of no patches."""
+    cls, config_cls = {
+        "clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig),
+        "siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig),
+    }[family]
+    vision = {**models.CLIP_VISION, "image_size": 5}
+    ours = vitriton.from_transformers(cls(config_cls(**vision)).eval(), device="cpu")
+    with pytest.raises(ValueError, match="image size 5x5 is smaller than one 8-pixel patch"):
+        ours(models.pixels(1, 5))
+    with pytest.raises(ValueError, match="position table holds no patch position to interpolate"):
+        ours(models.pixels(1, 24), interpolate_pos_encoding=True)
+
+
+def test_clip_text_without_eos_token_id():
+    """CLIP's text pooling reads eos_token_id; a config without one (transformers fails with an AttributeError)
+    raises naming it, and the layers before the last, which do not pool, still run."""
+    hf = transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**models.CLIP_TEXT, "eos_token_id": None}))
+    ours = vitriton.from_transformers(hf.eval(), device="cpu")
+    ids, mask = models.text(2, 6)
+    with pytest.raises(ValueError, match="eos_token_id is None"):
+        ours(ids, mask)
+    assert ours(ids, mask, feature_layers=-2).pooler_output is None
+
+
 def test_bad_text(clip):
     with pytest.raises(ValueError, match="token id 99 is outside the vocabulary of 99"):
         clip.text_model(torch.tensor([[1, 2, 99]]))

@@ -86,6 +86,11 @@ class CLIPTextTransformer(TextTransformer):
         """The EOS token's state. Checkpoints whose config says eos_token_id == 2 predate transformers PR
         #24773 and take the highest token id (the original CLIP's EOT id); the others take the first
         position holding eos_token_id."""
+        if self.eos_token_id is None:
+            raise ValueError(
+                "the text config's eos_token_id is None: CLIP pools the text at its eos token; set eos_token_id to "
+                "the tokenizer's eos id"
+            )
         if self.eos_token_id == 2:
             position = input_ids.to(torch.int).argmax(dim=-1)
         else:
