@@ -77,6 +77,22 @@ def test_clip_text_without_eos_token_id():
     assert ours(ids, mask, feature_layers=-2).pooler_output is None
 
 
+@torch.no_grad()
+def test_siglip_model_without_vision_head():
+    """vision_use_head=False leaves no image embedding: the full model's forward raises naming it (transformers
+    fails with an AttributeError) rather than returning None logits; the towers' outputs still come."""
+    config = transformers.SiglipConfig(
+        text_config=models.SIGLIP_TEXT, vision_config={**models.SIGLIP_VISION, "vision_use_head": False}
+    )
+    ours = vitriton.from_transformers(transformers.SiglipModel(config).eval(), device="cpu")
+    ids, _ = models.text(2, 6)
+    pixels = models.pixels(2, models.SIGLIP_VISION["image_size"])
+    with pytest.raises(ValueError, match="vision_use_head=False"):
+        ours(ids, pixels)
+    assert ours.get_image_features(pixels).pooler_output is None
+    assert ours(ids, pixels, feature_layers=-2).logits_per_image is None
+
+
 def test_bad_text(clip):
     with pytest.raises(ValueError, match="token id 99 is outside the vocabulary of 99"):
         clip.text_model(torch.tensor([[1, 2, 99]]))

@@ -255,6 +255,12 @@ class DualEncoder(PretrainedMixin, nn.Module):
         text = self.get_text_features(
             input_ids, attention_mask, position_ids, return_dict=True, feature_layers=feature_layers, **kwargs
         )
+        if feature_layers is None and vision.pooler_output is None:
+            raise ValueError(
+                f"{type(self).__name__}'s logits need the image embedding, which the vision tower's pooling head "
+                f"makes; this vision config has vision_use_head=False (get_image_features gives the tower's hidden "
+                f"states)"
+            )
         image_embeds = text_embeds = logits_per_text = logits_per_image = loss = None
         if vision.pooler_output is not None and text.pooler_output is not None:
             image_embeds, text_embeds = normalize(vision.pooler_output), normalize(text.pooler_output)
