@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipConfig, SiglipModel
 
@@ -261,6 +262,20 @@ def test_an_unknown_activation_is_named():
     hf.config.hidden_act = "nope"
     with pytest.raises(ValueError, match="hidden_act 'nope' is not one of transformers' activations"):
         vitriton.from_transformers(hf, device="cpu")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("projection_size", [0, 5, None])
+def test_siglip_text_projection_size(projection_size):
+    """The text head's width is projection_size, hidden_size only when it is None (0 gives an empty embedding)."""
+    torch.manual_seed(5)
+    config = transformers.SiglipTextConfig(**{**models.SIGLIP_TEXT, "projection_size": projection_size})
+    hf = models.perturb_vectors(transformers.SiglipTextModel(config).eval())
+    ids, mask = models.text(2, 6)
+    got, expected = vitriton.from_transformers(hf, device="cpu")(ids, mask), hf(ids, mask)
+    assert got.pooler_output.shape == expected.pooler_output.shape
+    if projection_size != 0:
+        assert_pooled_output(got, expected, "siglip text")
 
 
 @torch.no_grad()

@@ -173,7 +173,8 @@ class SiglipTextTransformer(TextTransformer):
 
     def __init__(self, prefix: str, config: SiglipTextConfig, weights: Weights, num_layers: int | None = None):
         super().__init__(prefix, config, weights, num_layers)
-        out = getattr(config, "projection_size", None) or config.hidden_size
+        out = getattr(config, "projection_size", None)
+        out = config.hidden_size if out is None else out  # as transformers: None only, not 0, means hidden_size
         self.head = ReplicatedLinear.load(
             join(prefix, "head"), weights, in_features=config.hidden_size, out_features=out, bias=True
         )
