@@ -93,6 +93,14 @@ def test_siglip_model_without_vision_head():
     assert ours(ids, pixels, feature_layers=-2).logits_per_image is None
 
 
+def test_mlp_of_no_columns():
+    """intermediate_size 0 (transformers' CLIP runs it, its MLP adding fc2's bias alone) is refused at loading,
+    naming it, where the encoder failed on an empty reshape."""
+    hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**{**models.CLIP_VISION, "intermediate_size": 0}))
+    with pytest.raises(ValueError, match="intermediate_size is 0"):
+        vitriton.from_transformers(hf.eval(), device="cpu")
+
+
 def test_bad_text(clip):
     with pytest.raises(ValueError, match="token id 99 is outside the vocabulary of 99"):
         clip.text_model(torch.tensor([[1, 2, 99]]))

@@ -292,6 +292,11 @@ class MLP(nn.Module):
             self.activation = None
             self.activation_fn = activation_module(act, join(prefix, "activation_fn"), weights)
         hidden, inner = config.hidden_size, config.intermediate_size
+        if inner < 1:
+            raise ValueError(
+                f"intermediate_size is {inner}; vitriton's MLP needs at least 1 column (transformers' CLIP runs 0 as "
+                f"fc2's bias alone)"
+            )
         # Each rank's share of the inner dimension is padded to whole 16 bytes (``SHARD_MULTIPLE``): the padded
         # columns of fc1 are zero before the activation, and fc2's zero columns cancel whatever it makes of them.
         self.fc1 = ColumnParallelLinear.load(
