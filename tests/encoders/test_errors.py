@@ -108,6 +108,8 @@ def test_bad_text(clip):
         clip.text_model(torch.tensor([[1, -1, 3]]))
     with pytest.raises(ValueError, match="17 tokens; the position table holds 16"):
         clip.text_model(torch.ones(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids has shape \(2, 0\); expected \(batch, seq\)"):
+        clip.text_model(torch.ones(2, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask has shape"):
         clip.text_model(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):

@@ -1286,6 +1286,15 @@ class VisionTransformer(Tower):
         return last, pooled
 
 
+def text_rows(input_ids: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` (..., seq) as (texts, seq); texts of no token raise, where the reshape would fail unnamed."""
+    if input_ids.dim() == 0 or input_ids.shape[-1] == 0:
+        raise ValueError(
+            f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, seq) token ids with at least one token"
+        )
+    return input_ids.reshape(-1, input_ids.shape[-1])
+
+
 class TextTransformer(Tower):
     """The text trunk: token + position embeddings -> encoder -> final LayerNorm -> pooling preset.
 
@@ -1334,7 +1343,7 @@ class TextTransformer(Tower):
         )
         if input_ids is None:
             raise ValueError("input_ids is required: a (batch, seq) tensor of token ids")
-        input_ids = input_ids.reshape(-1, input_ids.shape[-1])
+        input_ids = text_rows(input_ids)
         key_padding_mask = None if attention_mask is None else self.padding_mask(attention_mask, input_ids)
         if position_ids is not None:
             position_ids = position_ids.reshape(-1, position_ids.shape[-1])
@@ -1357,7 +1366,7 @@ class TextTransformer(Tower):
         runs them before splitting it, so a bad id in one rank's rows raises on every rank, not on that rank
         alone while the others wait for its outputs."""
         if isinstance(input_ids, torch.Tensor):
-            ids = input_ids.reshape(-1, input_ids.shape[-1])
+            ids = text_rows(input_ids)
             positions = None
             if isinstance(position_ids, torch.Tensor):
                 positions = position_ids.reshape(-1, position_ids.shape[-1])
