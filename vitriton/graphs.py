@@ -804,6 +804,8 @@ class AutoGraphs:
             pointers = tuple(map(_data_ptr, itertools.chain.from_iterable(map(dict.values, self._dicts))))
         except TypeError:
             return False
+        # The device index of the full walk is left out: CUDA's unified addressing gives each device addresses of
+        # its own, so the same addresses mean the same device.
         return fingerprint[1] is self._structure and pointers == fingerprint[2]
 
     def _addresses(self, tower: nn.Module) -> tuple | str:
@@ -831,7 +833,8 @@ class AutoGraphs:
         # The hook dicts are read from the instance dicts on every call (torch's own code replaces a module's hook
         # dicts at times, so the dicts themselves are not kept).
         if any(map(any, map(_hooks_in, self._namespaces))):
-            hooked = next(module for module in self._modules if any(hooks(module) for hooks in _HOOKS))
+            pairs = zip(self._modules, map(_hooks_in, self._namespaces), strict=True)
+            hooked = next(module for module, hooks in pairs if any(hooks))
             return f"a {type(hooked).__name__} in the tower has hooks; replays would skip them"
         if _structure_of(self._modules, self._namespaces) == self._structure:
             return None

@@ -294,6 +294,24 @@ def test_tower_classes_hold_transformers_parts(name):
     assert_same(seen["ours"], seen["hf"], "layer 1 output, hooked through model.encoder")
 
 
+@torch.no_grad()
+@pytest.mark.parametrize(("name", "part"), [("CLIPVisionModel", "post_layernorm"), ("SiglipVisionModel", "head"),
+                                            ("CLIPTextModel", "final_layer_norm")])  # fmt: skip
+def test_tower_classes_assign_the_towers_parts(name, part):
+    """Assigning a part on a tower class (``model.head = nn.Identity()`` to take features) replaces the tower's
+    part, as on transformers' classes, which hold it; deleting one deletes the tower's."""
+    tower = "vision" if "Vision" in name else "text"
+    hf = eager(transformers_model(name, tower, seed=6))
+    ours = vitriton.from_transformers(hf)
+    for model in (hf, ours):
+        setattr(model, part, torch.nn.Identity())
+    inner = getattr(ours, f"{tower}_model")
+    assert isinstance(getattr(inner, part), torch.nn.Identity) and part not in ours._modules
+    assert_same(call(ours, tower, name), call(hf, tower, name), f"{part} replaced")
+    delattr(ours, part)
+    assert part not in inner._modules
+
+
 DROP_IN_CLASSES = [
     ("CLIPModel", None),
     ("SiglipModel", None),
@@ -351,6 +369,18 @@ def test_set_input_embeddings_as_transformers(name, tower):
     assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
     key = next(key for key in hf.state_dict() if key.endswith("token_embedding.weight"))
     assert ours.state_dict()[key] is not None and torch.equal(ours.state_dict()[key], table.weight)
+    with pytest.raises(ValueError, match="token id 120 is outside the vocabulary of 120 tokens"):
+        text(ours)(torch.full((1, 3), 120))
+
+    class Wrapped(torch.nn.Module):  # a wrapper with no num_embeddings (an adapter's, say): its weight's rows count
+        def __init__(self, inner):
+            super().__init__()
+            self.weight = inner.weight
+
+        def forward(self, ids):
+            return torch.nn.functional.embedding(ids, self.weight)
+
+    ours.set_input_embeddings(Wrapped(table))
     with pytest.raises(ValueError, match="token id 120 is outside the vocabulary of 120 tokens"):
         text(ours)(torch.full((1, 3), 120))
     if tower is None:  # a patched model: transformers' own code puts the table in place

@@ -38,27 +38,44 @@ def project(projection: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
 
 
 class NestedTower:
-    """An outer model whose tower is its child ``nested``: what the model does not hold itself is read from the
-    tower. transformers 5.17's ``*VisionModel`` / ``*TextModel`` hold the tower's parts themselves, so code written
-    for them reads ``model.encoder.layers[i]`` (to hook a layer), ``model.embeddings`` or ``model.post_layernorm``;
-    here those are the tower's own modules (the same objects), as its state dict's keys are the tower's."""
+    """An outer model whose tower is its child ``nested``, and whose tower's parts read and write as its own.
+    transformers 5.17's ``*VisionModel`` / ``*TextModel`` hold the tower's parts themselves, so code written for
+    them reads ``model.encoder.layers[i]`` (to hook a layer), ``model.embeddings`` or ``model.post_layernorm``, and
+    assigns ``model.head = nn.Identity()`` to take features; here those names are the tower's submodules (the same
+    objects), read from it, assigned and deleted in it, as its state dict's keys are the tower's."""
 
     nested: str
+
+    def _tower_holding(self, name: str) -> nn.Module | None:
+        """The tower, when it holds a submodule ``name`` and this model holds nothing of that name; else None."""
+        modules = self.__dict__.get("_modules", {})
+        tower = modules.get(self.nested)
+        if tower is None or name in modules or name in self.__dict__ or name not in tower._modules:
+            return None
+        return tower
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
-        except AttributeError as missing:
-            if name.startswith("__") or name == self.nested:
+        except AttributeError:
+            tower = self._tower_holding(name)
+            if tower is None:
                 raise
-            try:
-                tower = super().__getattr__(self.nested)
-            except AttributeError:
-                raise missing from None
-            try:
-                return getattr(tower, name)
-            except AttributeError:
-                raise missing from None
+            return tower._modules[name]
+
+    def __setattr__(self, name: str, value) -> None:
+        tower = self._tower_holding(name)
+        if tower is None:
+            super().__setattr__(name, value)
+        else:
+            setattr(tower, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        tower = self._tower_holding(name)
+        if tower is None:
+            super().__delattr__(name)
+        else:
+            delattr(tower, name)
 
 
 class VisionModel(NestedTower, PretrainedMixin, nn.Module):
@@ -249,18 +266,18 @@ class DualEncoder(PretrainedMixin, nn.Module):
     ):
         """``feature_layers`` applies to both towers, as on each: layers after the deepest asked for do not run,
         so unless it includes the last layer the embeddings, logits and loss are None."""
+        if feature_layers is None and not getattr(self.vision_model.config, "vision_use_head", True):
+            raise ValueError(
+                f"{type(self).__name__}'s logits need the image embedding, which the vision tower's pooling head "
+                f"makes; this vision config has vision_use_head=False (get_image_features gives the tower's hidden "
+                f"states)"
+            )
         vision = self.get_image_features(
             pixel_values, interpolate_pos_encoding, return_dict=True, feature_layers=feature_layers, **kwargs
         )
         text = self.get_text_features(
             input_ids, attention_mask, position_ids, return_dict=True, feature_layers=feature_layers, **kwargs
         )
-        if feature_layers is None and vision.pooler_output is None:
-            raise ValueError(
-                f"{type(self).__name__}'s logits need the image embedding, which the vision tower's pooling head "
-                f"makes; this vision config has vision_use_head=False (get_image_features gives the tower's hidden "
-                f"states)"
-            )
         image_embeds = text_embeds = logits_per_text = logits_per_image = loss = None
         if vision.pooler_output is not None and text.pooler_output is not None:
             image_embeds, text_embeds = normalize(vision.pooler_output), normalize(text.pooler_output)

@@ -102,6 +102,11 @@ def rename_hooks(module: nn.Module) -> None:
     module.register_load_state_dict_pre_hook(from_transformers_names)
 
 
+def normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A tower's ``norm`` (a :class:`LayerNorm`, or a module a caller put in its place) of ``x``."""
+    return norm(x)[0] if isinstance(norm, LayerNorm) else norm(x)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm that optionally adds a residual first: ``forward(x, residual) -> (normed, x + residual)``; or a
     per-column ``shift``, not returned: ``forward(x, shift=shift) -> (normed, x)``."""
@@ -469,8 +474,11 @@ class EncoderOutput:
             return shifted(self.delta, self.shift)
         return self.delta if self.residual is None else self.delta + self.residual
 
-    def normed(self, norm: LayerNorm) -> torch.Tensor:
-        """``norm`` of the last hidden state, the pending add fused into it."""
+    def normed(self, norm: nn.Module) -> torch.Tensor:
+        """``norm`` of the last hidden state, the pending add fused into it (another module in the LayerNorm's
+        place, ``nn.Identity()`` say, takes the last hidden state as transformers' would)."""
+        if not isinstance(norm, LayerNorm):
+            return norm(self.last())
         if self.shift is not None:
             return norm(self.delta, shift=self.shift)[0]
         return norm(self.delta, self.residual)[0]
@@ -927,7 +935,7 @@ def hidden_state_slots(output_hidden_states, num_layers: int) -> list[int | None
     tuple or set of layer indices (0 = the first layer) asks for those layers' outputs alone: hidden_states then
     holds one place per layer, None where a layer was not asked for, and no embeddings state (an index outside
     0..num_layers - 1, negative ones too, matches no layer, and an empty list asks for none)."""
-    if isinstance(output_hidden_states, list | tuple | set | frozenset):
+    if isinstance(output_hidden_states, list | tuple | set):  # the types transformers 5.17 reads as layer indices
         if not output_hidden_states:
             return None
         return [layer + 1 if layer in output_hidden_states else None for layer in range(num_layers)]
@@ -1160,7 +1168,11 @@ class TextEmbeddings(nn.Module):
         table = self.token_embedding
         if isinstance(table, VocabParallelEmbedding):
             return table.shard.total
-        return getattr(table, "num_embeddings", None)
+        rows = getattr(table, "num_embeddings", None)
+        if rows is None:  # a wrapper (a PEFT embedding, say): the rows of the table it holds
+            weight = getattr(table, "weight", None)
+            rows = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+        return rows
 
     def check(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> None:
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
@@ -1256,7 +1268,7 @@ class VisionTransformer(Tower):
         dtype = compute_dtype(hidden, self.embeddings.patch_weight.dtype)
         with interpreter_guard(dtype, hidden.device):
             if self.pre_layrnorm is not None:
-                hidden, _ = self.pre_layrnorm(hidden)
+                hidden = normalized(self.pre_layrnorm, hidden)
             encoded = self.encoder(hidden, depth=depth, record=record, output_attentions=output_attentions)
             head = self.forward_head(encoded) if depth == self.encoder.num_hidden_layers else None
         return self.output(encoded, head, return_dict)
@@ -1282,8 +1294,7 @@ class VisionTransformer(Tower):
             last = encoded.normed(self.post_layernorm)
             return last, None if self.head is None else self.head(last)
         last = encoded.last()
-        pooled, _ = self.post_layernorm(last[:, 0])
-        return last, pooled
+        return last, normalized(self.post_layernorm, last[:, 0])
 
 
 def text_rows(input_ids: torch.Tensor) -> torch.Tensor:
