@@ -591,7 +591,7 @@ _has_forward = operator.methodcaller("__contains__", "forward")
 def _structure_of(modules: list[nn.Module], namespaces: list[dict]) -> tuple:
     """What a forward's Python depends on that no registration hook reports: each module's class, whether the
     instance has a ``forward`` of its own, and how many children it holds. ``namespaces`` are the modules'
-    instance dicts, read by C-level maps (it runs per call: half the time of attribute reads)."""
+    instance dicts, read by C-level maps (it runs per call: about half the time of attribute reads)."""
     return (
         *map(type, modules),
         *map(_has_forward, namespaces),
@@ -794,9 +794,9 @@ class AutoGraphs:
 
     def _unchanged(self) -> bool:
         """The steady state of :meth:`_addresses`, before every replay: with grad off, the tensors in the modules'
-        dicts are those of the last fingerprint, at its addresses, in one C-level pass (half the host time of the
-        full walk). False sends the call to the full walk: a first call, grad on, a None or another value put in a
-        dict, or anything moved."""
+        dicts are those of the last fingerprint, at its addresses, in one C-level pass (the full walk also builds a
+        list, reads the device and builds the fingerprint: 25 -> 22 us on a 24-layer tower). False sends the call
+        to the full walk: a first call, grad on, a None or another value put in a dict, or anything moved."""
         fingerprint = self._fingerprint
         if fingerprint is None or torch.is_grad_enabled():
             return False
