@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -44,13 +44,47 @@ UNSUPPORTED = {
 }
 
 
-def pick_class(model_type: str | None, architectures: Sequence[str] | None, tower: str | None) -> type[nn.Module]:
+def composite_towers(config: Mapping) -> dict[str, list[str]]:
+    """The CLIP/SigLIP towers a checkpoint of another model holds, read from its config.json's sub-configs (LLaVA's
+    and PaliGemma's ``vision_config``, a VisionEncoderDecoderModel's ``encoder``): {tower: [their model_types]}."""
+    held: dict[str, list[str]] = {}
+    for sub in config.values():
+        if isinstance(sub, Mapping) and sub.get("model_type") in MODEL_TYPES:
+            tower = getattr(MODEL_TYPES[sub["model_type"]][None], "tower", None)
+            if tower is not None:  # a full clip/siglip config nested in another model is not a tower config
+                held.setdefault(tower, []).append(sub["model_type"])
+    return held
+
+
+def pick_class(
+    model_type: str | None,
+    architectures: Sequence[str] | None,
+    tower: str | None,
+    held: Mapping[str, Sequence[str]] | None = None,
+) -> type[nn.Module]:
     """The vitriton class for a checkpoint: ``architectures`` first (so *WithProjection loads as itself), then
-    ``model_type``; ``tower`` picks one tower of a full model."""
+    ``model_type``; ``tower`` picks one tower of a full model, or of another model that holds CLIP/SigLIP towers
+    (``held``, from :func:`composite_towers`)."""
     if tower not in (None, "vision", "text"):
         raise ValueError(f"tower={tower!r}; expected None, 'vision' or 'text'")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; vitriton loads {', '.join(MODEL_TYPES)}")
+        # A config naming a CLIP/SigLIP class under another model_type is broken, not a model holding towers.
+        if not held or any(name in ARCHITECTURES or name in UNSUPPORTED for name in architectures or ()):
+            raise ValueError(f"unknown model_type {model_type!r}; vitriton loads {', '.join(MODEL_TYPES)}")
+        if tower is not None and len(held.get(tower, ())) == 1:
+            return MODEL_TYPES[held[tower][0]][tower]
+        name = architectures[0] if architectures else f"model_type {model_type!r}"
+        towers = ", ".join(f"a {t} tower ({' and '.join(types)})" for t, types in held.items())
+        if tower is not None and tower in held:
+            raise ValueError(
+                f"the {name} checkpoint holds {towers}; vitriton.from_pretrained cannot tell which one tower={tower!r} "
+                f"means: load it with its class, naming it with prefix="
+            )
+        raise ValueError(
+            f"the checkpoint is a {name}, which vitriton does not implement; it holds {towers}: pass "
+            + " or ".join(f"tower={t!r}" for t in held)
+            + " to load one, or accelerate the transformers model with vitriton.patch"
+        )
     for name in architectures or ():
         if name in ARCHITECTURES and tower in (None, getattr(ARCHITECTURES[name], "tower", None)):
             return ARCHITECTURES[name]
@@ -61,8 +95,8 @@ def pick_class(model_type: str | None, architectures: Sequence[str] | None, towe
             )
     classes = MODEL_TYPES[model_type]
     if tower not in classes:
-        held = next(t for t in classes if t is not None)
-        raise ValueError(f"tower={tower!r} asked of a {model_type} checkpoint, which holds only the {held} tower")
+        only = next(t for t in classes if t is not None)
+        raise ValueError(f"tower={tower!r} asked of a {model_type} checkpoint, which holds only the {only} tower")
     return classes[tower]
 
 
@@ -84,7 +118,8 @@ def from_pretrained(
 ) -> nn.Module:
     """Loads the model a checkpoint's config.json names (``architectures``, else ``model_type``: clip, siglip and
     their towers, CLIP's *WithProjection classes) from a local directory or a Hub repo id already in the local
-    Hugging Face cache; ``tower="vision"``/``"text"`` picks one tower of a full checkpoint.
+    Hugging Face cache; ``tower="vision"``/``"text"`` picks one tower of a full checkpoint, or of a checkpoint of
+    another model whose config holds a CLIP/SigLIP tower's (LLaVA, PaliGemma, VisionTextDualEncoderModel, ...).
 
     - ``dtype``: a torch dtype, its name, or "auto"; default the config's, else the stored weights' (``torch_dtype``
       is the deprecated alias).
@@ -124,7 +159,7 @@ def from_pretrained(
             config = json.loads(config_file.read_text())
         except ValueError as err:
             raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    cls = pick_class(config.get("model_type"), config.get("architectures"), tower)
+    cls = pick_class(config.get("model_type"), config.get("architectures"), tower, composite_towers(config))
     return cls.from_pretrained(
         path,
         dtype=dtype,

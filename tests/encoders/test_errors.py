@@ -167,6 +167,30 @@ def test_no_weights(clip_dir, tmp_path):
         vitriton.from_pretrained(tmp_path)
 
 
+def test_a_model_holding_towers_names_them(clip_dir, tmp_path):
+    """A checkpoint of a model vitriton does not implement that holds a CLIP/SigLIP tower (LLaVA) says which
+    towers it holds and how to load one; one that holds none keeps the unknown model_type error."""
+    vision = json.loads((clip_dir / "config.json").read_text())["vision_config"]
+    config = {
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "vision_config": {**vision, "model_type": "clip_vision_model"},
+        "text_config": {"model_type": "llama"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    held = r"a LlavaForConditionalGeneration, which vitriton does not implement; it holds a vision tower \(clip_vision_"
+    with pytest.raises(
+        ValueError, match=held + r"model\): pass tower='vision' to load one, or accelerate .* vitriton.patch"
+    ):
+        vitriton.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=held):
+        vitriton.from_pretrained(tmp_path, tower="text")
+    config["vision_config"]["model_type"] = "pixtral"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown model_type 'llava'; vitriton loads clip, siglip"):
+        vitriton.from_pretrained(tmp_path, tower="vision")
+
+
 def test_wrong_class_and_tower(clip_dir):
     with pytest.raises(TypeError, match="holds a CLIPConfig .*, not a SiglipVisionConfig"):
         vitriton.SiglipVisionModel.from_pretrained(clip_dir)

@@ -401,3 +401,48 @@ def test_a_hook_inside_a_layer_sees_its_module_called(clip_pair, monkeypatch):
         handle.remove()
     assert len(seen) == 1 and not calls
     assert_matches(out.pooler_output, hf.vision_model(px).pooler_output, "pooler_output with a hook on fc2")
+
+
+@torch.no_grad()
+def test_towers_of_composite_checkpoints(clip_pair, siglip_pair, tmp_path):
+    """vitriton.from_pretrained(tower=) and the tower classes take a CLIP/SigLIP tower out of the checkpoint of a
+    model vitriton does not implement, wherever its config holds the tower's: a VisionTextDualEncoderModel's
+    vision_config and text_config, a VisionEncoderDecoderModel's encoder."""
+    from transformers import (
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
+
+    hf, _, _ = clip_pair
+    shf, _, _ = siglip_pair
+    dual = VisionTextDualEncoderModel(
+        VisionTextDualEncoderConfig.from_vision_text_configs(shf.config.vision_config, hf.config.text_config)
+    )
+    dual.vision_model.load_state_dict(shf.vision_model.state_dict())
+    dual.text_model.load_state_dict(hf.text_model.state_dict())
+    decoder = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16, add_cross_attention=True)
+    captioner = VisionEncoderDecoderModel(
+        VisionEncoderDecoderConfig.from_encoder_decoder_configs(hf.config.vision_config, decoder)
+    )
+    captioner.encoder.load_state_dict(hf.vision_model.state_dict())
+    dual_path, captioner_path = models.save(dual, tmp_path / "dual"), models.save(captioner, tmp_path / "captioner")
+
+    spx, px = models.pixels(2, 35, seed=11), models.pixels(2, 40, seed=11)
+    ids, mask = models.text(2, 9, seed=11)
+    vision, text = (
+        vitriton.from_pretrained(dual_path, tower="vision"),
+        vitriton.from_pretrained(dual_path, tower="text"),
+    )
+    assert (type(vision), type(text)) == (vitriton.SiglipVisionModel, vitriton.CLIPTextModel)
+    assert_pooled_output(vision(spx), shf.vision_model(pixel_values=spx), "dual encoder's vision tower")
+    assert_pooled_output(text(ids, mask), hf.text_model(input_ids=ids, attention_mask=mask), "dual encoder's text")
+    ref = hf.vision_model(pixel_values=px)
+    for tower in (
+        vitriton.from_pretrained(captioner_path, tower="vision"),
+        vitriton.CLIPVisionModel.from_pretrained(captioner_path),
+    ):
+        assert type(tower) is vitriton.CLIPVisionModel
+        assert_pooled_output(tower(px), ref, "encoder-decoder's encoder")

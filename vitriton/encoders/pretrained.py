@@ -316,12 +316,24 @@ class PretrainedMixin(ModelAttributes):
 
     @classmethod
     def pick_config(cls, config: PretrainedConfig) -> PretrainedConfig:
-        """This class's config: the checkpoint's own, or the sub-config of the model that holds the tower."""
+        """This class's config: the checkpoint's own, or the sub-config of the model that holds the tower: its
+        ``vision_config`` / ``text_config`` (CLIP, SigLIP, LLaVA), else the one sub-config of this class under
+        another name (a VisionEncoderDecoderModel's ``encoder``)."""
         if isinstance(config, cls.config_class):
             return config
-        sub = getattr(config, f"{cls.tower}_config", None) if cls.tower else None
-        if isinstance(sub, cls.config_class):
-            return sub
+        if cls.tower is None:
+            subs = []
+        elif isinstance(getattr(config, f"{cls.tower}_config", None), cls.config_class):
+            subs = [f"{cls.tower}_config"]
+        else:
+            subs = [name for name in config.sub_configs if isinstance(getattr(config, name, None), cls.config_class)]
+        if len(subs) == 1:
+            return getattr(config, subs[0])
+        if subs:
+            raise TypeError(
+                f"this checkpoint's {type(config).__name__} holds {len(subs)} {cls.config_class.__name__}s "
+                f"({', '.join(subs)}); load the one you mean with config=model_config.{subs[0]} and prefix="
+            )
         raise TypeError(
             f"this checkpoint holds a {type(config).__name__} (model_type {config.model_type!r}), not a "
             f"{cls.config_class.__name__}; {cls.__name__} loads a {cls.config_class.__name__} checkpoint"
