@@ -199,6 +199,20 @@ def test_patch_llava_keeps_generate_and_image_features():
     close(ours["features"], expected["features"])
 
 
+def test_from_transformers_takes_llavas_vision_tower():
+    model = tiny_llava()
+    pixels = models.pixels(2, 40, seed=9)
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration; it holds a vision tower .*tower='vision'"):
+        vitriton.from_transformers(model)
+    tower = vitriton.from_transformers(model, tower="vision")
+    assert type(tower) is vitriton.CLIPVisionModel
+    with torch.no_grad():
+        expected = model.model.vision_tower(pixels, output_hidden_states=True)
+        ours = tower(pixels, output_hidden_states=True)
+    close(ours.pooler_output, expected.pooler_output)
+    close(ours.hidden_states[-2], expected.hidden_states[-2])
+
+
 def test_patch_llava_next_keeps_the_image_features():
     torch.manual_seed(0)
     config = LlavaNextConfig(

@@ -81,7 +81,7 @@ def pick_class(
                 f"means: load it with its class, naming it with prefix="
             )
         raise ValueError(
-            f"the checkpoint is a {name}, which vitriton does not implement; it holds {towers}: pass "
+            f"vitriton does not implement {name}; it holds {towers}: pass "
             + " or ".join(f"tower={t!r}" for t in held)
             + " to load one, or accelerate the transformers model with vitriton.patch"
         )
@@ -187,5 +187,5 @@ def from_transformers(model: nn.Module, *, tower: str | None = None, **kwargs) -
             f"this {type(model).__name__} already runs vitriton's towers (vitriton.patch): use it as it is, or "
             f"call from_transformers on a model that was not patched"
         )
-    cls = pick_class(model.config.model_type, [type(model).__name__], tower)
+    cls = pick_class(model.config.model_type, [type(model).__name__], tower, composite_towers(model.config.to_dict()))
     return cls.from_transformers(model, **kwargs)

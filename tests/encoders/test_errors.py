@@ -178,7 +178,7 @@ def test_a_model_holding_towers_names_them(clip_dir, tmp_path):
         "text_config": {"model_type": "llama"},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    held = r"a LlavaForConditionalGeneration, which vitriton does not implement; it holds a vision tower \(clip_vision_"
+    held = r"vitriton does not implement LlavaForConditionalGeneration; it holds a vision tower \(clip_vision_"
     with pytest.raises(
         ValueError, match=held + r"model\): pass tower='vision' to load one, or accelerate .* vitriton.patch"
     ):
