@@ -213,6 +213,43 @@ def test_from_transformers_takes_llavas_vision_tower():
     close(ours.hidden_states[-2], expected.hidden_states[-2])
 
 
+def test_patch_keeps_the_hooks_registered_before():
+    """Hooks on the transformers tower and on parts vitriton's tower shares keep running after patching (their
+    handles still remove them); transformers' own capture hooks, put on its layers by a first call, stay behind."""
+    model = tiny_llava()
+    ids = torch.tensor([[1, 5, 6] + [IMAGE_TOKEN] * 25 + [7, 8]])
+    pixels = models.pixels(1, 40, seed=6)
+    tower = model.model.vision_tower
+    seen = []
+    tower.register_forward_hook(lambda module, args, output: seen.append(output.last_hidden_state))
+    tower.encoder.layers[0].register_forward_hook(lambda module, args, output: output * 1.5)
+    handle = tower.encoder.layers[0].mlp.register_forward_pre_hook(lambda module, args: seen.append("mlp"))
+    expected = llava_outputs(model, ids, pixels)
+    assert any(tower.encoder.layers[1]._forward_hooks.values())  # transformers' capture hook, from that call
+    expected["tower"], expected["mlp calls"] = seen[-1], seen.count("mlp")
+    seen.clear()
+
+    vitriton.patch(model)
+    ours = llava_outputs(model, ids, pixels)
+    assert seen.count("mlp") == expected["mlp calls"] > 0
+    close(seen[-1], expected["tower"])
+    close(ours["logits"], expected["logits"])
+    close(ours["features"], expected["features"])
+    assert not model.model.vision_tower.encoder.layers[1]._forward_hooks  # no hook of transformers' came along
+    handle.remove()
+    seen.clear()
+    llava_outputs(model, ids, pixels)
+    assert "mlp" not in seen
+
+
+def test_patch_refuses_hooks_on_parts_it_does_not_have():
+    model = tiny_llava()
+    model.model.vision_tower.encoder.layers[1].self_attn.k_proj.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"vision_tower has hooks on encoder.layers.1.self_attn.k_proj, which"):
+        vitriton.patch(model)
+    assert type(model.model.vision_tower) is not CLIPVisionTransformer
+
+
 def test_patch_llava_next_keeps_the_image_features():
     torch.manual_seed(0)
     config = LlavaNextConfig(

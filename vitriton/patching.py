@@ -28,6 +28,7 @@ from vitriton.encoders import clip, siglip
 from vitriton.encoders.pretrained import PARALLEL_MODES
 from vitriton.encoders.trunk import TextTransformer, VisionTransformer
 from vitriton.graphs import check_cuda_graphs, enable_cuda_graphs
+from vitriton.parallel.data import TowerWrapper
 from vitriton.parallel.group import ProcessGroup
 
 # transformers' tower class -> (vitriton model class that loads it, the attribute holding vitriton's tower)
@@ -69,8 +70,11 @@ def patch(
                 f"transformers' {searched} among the model's submodules"
             )
         return enable_cuda_graphs(model, cuda_graphs)
-    for name, module in found:
-        tower = accelerate(module, process_group=process_group, parallel=parallel)
+    towers = [accelerate(module, process_group=process_group, parallel=parallel) for _, module in found]
+    for (name, module), tower in zip(found, towers, strict=True):
+        check_hooks_have_a_place(module, tower, f"{type(model).__name__}.{name}" if name else type(model).__name__)
+    for (name, module), tower in zip(found, towers, strict=True):
+        move_hooks(module, tower)
         if name:
             owner, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(owner), attribute, tower)
@@ -96,3 +100,69 @@ def accelerate(module: nn.Module, *, process_group: ProcessGroup | None, paralle
             if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
                 tensor.data = tensor.data.clone()
     return tower
+
+
+# The dicts of nn.Module that hold its forward and backward hooks (and their flags, keyed by the hooks' ids); a hook's
+# handle points at them.
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+# transformers 5 puts forward hooks of its own on its layers at their first call, to collect hidden states and
+# attentions for output_hidden_states / output_attentions; they belong to transformers' modules and stay with them.
+TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
+
+
+def users_hooks(part: nn.Module) -> dict[str, list[int]]:
+    """The ids of ``part``'s forward and backward hooks in each hook dict, transformers' own capture hooks left out."""
+    return {
+        attribute: [key for key, hook in getattr(part, attribute).items() if hook.__module__ != TRANSFORMERS_CAPTURE]
+        for attribute in HOOKS
+    }
+
+
+def hooked_parts(module: nn.Module) -> list[str]:
+    """The names of ``module``'s submodules (itself as "") that hold hooks a user registered."""
+    return [name for name, part in module.named_modules() if any(users_hooks(part).values())]
+
+
+def find_part(tower: nn.Module, name: str) -> nn.Module | None:
+    """The submodule ``name`` of vitriton's tower (inside its data-parallel wrapper, if any), or None."""
+    if not name:
+        return tower
+    inner = tower.module if isinstance(tower, TowerWrapper) else tower
+    try:
+        return inner.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def check_hooks_have_a_place(module: nn.Module, tower: nn.Module, where: str) -> None:
+    """Raises, before the model is changed, when a hook sits on a part of the transformers tower that vitriton's
+    tower lacks (``q_proj``, ``k_proj`` and ``v_proj`` are one packed weight, ``patch_embedding`` a GEMM weight)."""
+    lost = [name for name in hooked_parts(module) if find_part(tower, name) is None]
+    if lost:
+        raise ValueError(
+            f"vitriton.patch: {where} has hooks on {', '.join(lost)}, which vitriton's tower does not hold as "
+            f"modules; remove those hooks before patching (hooks on the tower and on the parts it shares with "
+            f"transformers' layout, such as encoder.layers[i] and their mlp, self_attn and layer norms, move over)"
+        )
+
+
+def move_hooks(module: nn.Module, tower: nn.Module) -> None:
+    """Moves the hooks registered on the transformers tower and its submodules to the parts of vitriton's tower of
+    the same names (its layout is transformers 5.17's), so they keep running. The hook dicts themselves move, so
+    the hooks' handles still remove them; transformers' capture hooks are dropped from them first."""
+    for name in hooked_parts(module):
+        old, new = module.get_submodule(name), find_part(tower, name)
+        kept = users_hooks(old)
+        for attribute in HOOKS:
+            hooks = getattr(old, attribute)
+            for key in [key for key in hooks if key not in kept[attribute]]:
+                del hooks[key]
+                for flags in HOOK_FLAGS:
+                    getattr(old, flags).pop(key, None)
+        for attribute in HOOKS + HOOK_FLAGS:
+            hooks = getattr(old, attribute)
+            hooks.update(getattr(new, attribute))
+            setattr(new, attribute, hooks)
+        if old._backward_hooks:
+            new._is_full_backward_hook = old._is_full_backward_hook
