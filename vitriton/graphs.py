@@ -580,9 +580,10 @@ _buffers_of = operator.attrgetter("_buffers")
 _not_none = functools.partial(operator.is_not, None)
 _requires_grad = operator.attrgetter("requires_grad")
 _data_ptr = torch.Tensor.data_ptr
-_HOOK_NAMES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_HOOKS = tuple(map(operator.attrgetter, _HOOK_NAMES))
-_hooks_in = operator.itemgetter(*_HOOK_NAMES)  # a module's hook dicts, from its instance dict
+# The dicts of an nn.Module that hold its forward and backward hooks.
+HOOK_NAMES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOKS = tuple(map(operator.attrgetter, HOOK_NAMES))
+_hooks_in = operator.itemgetter(*HOOK_NAMES)  # a module's hook dicts, from its instance dict
 _dict_of = operator.attrgetter("__dict__")
 _children_in = operator.itemgetter("_modules")
 _has_forward = operator.methodcaller("__contains__", "forward")

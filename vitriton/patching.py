@@ -27,7 +27,7 @@ from transformers.models.siglip import modeling_siglip
 from vitriton.encoders import clip, siglip
 from vitriton.encoders.pretrained import PARALLEL_MODES
 from vitriton.encoders.trunk import TextTransformer, VisionTransformer
-from vitriton.graphs import check_cuda_graphs, enable_cuda_graphs
+from vitriton.graphs import HOOK_NAMES, check_cuda_graphs, enable_cuda_graphs
 from vitriton.parallel.data import TowerWrapper
 from vitriton.parallel.group import ProcessGroup
 
@@ -102,9 +102,8 @@ def accelerate(module: nn.Module, *, process_group: ProcessGroup | None, paralle
     return tower
 
 
-# The dicts of nn.Module that hold its forward and backward hooks (and their flags, keyed by the hooks' ids); a hook's
-# handle points at them.
-HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# The dicts of nn.Module that hold its forward and backward hooks (graphs.HOOK_NAMES) and their flags, keyed by the
+# hooks' ids; a hook's handle points at them.
 HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 # transformers 5 puts forward hooks of its own on its layers at their first call, to collect hidden states and
 # attentions for output_hidden_states / output_attentions; they belong to transformers' modules and stay with them.
@@ -114,8 +113,12 @@ TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
 def users_hooks(part: nn.Module) -> dict[str, list[int]]:
     """The ids of ``part``'s forward and backward hooks in each hook dict, transformers' own capture hooks left out."""
     return {
-        attribute: [key for key, hook in getattr(part, attribute).items() if hook.__module__ != TRANSFORMERS_CAPTURE]
-        for attribute in HOOKS
+        attribute: [
+            key
+            for key, hook in getattr(part, attribute).items()
+            if getattr(hook, "__module__", None) != TRANSFORMERS_CAPTURE
+        ]
+        for attribute in HOOK_NAMES
     }
 
 
@@ -154,13 +157,13 @@ def move_hooks(module: nn.Module, tower: nn.Module) -> None:
     for name in hooked_parts(module):
         old, new = module.get_submodule(name), find_part(tower, name)
         kept = users_hooks(old)
-        for attribute in HOOKS:
+        for attribute in HOOK_NAMES:
             hooks = getattr(old, attribute)
             for key in [key for key in hooks if key not in kept[attribute]]:
                 del hooks[key]
                 for flags in HOOK_FLAGS:
                     getattr(old, flags).pop(key, None)
-        for attribute in HOOKS + HOOK_FLAGS:
+        for attribute in HOOK_NAMES + HOOK_FLAGS:
             hooks = getattr(old, attribute)
             hooks.update(getattr(new, attribute))
             setattr(new, attribute, hooks)
