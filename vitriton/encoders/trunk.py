@@ -653,10 +653,14 @@ class Encoder(nn.Module):
 ACCUMULATE_RESIDUAL = True
 
 
-def bias_sums(projections: Sequence[RowParallelLinear], width: int, like: torch.Tensor) -> torch.Tensor:
-    """(len(projections), width) fp32: row i is the sum of the first i + 1 projections' biases (None: zeros)."""
+def bias_sums(projections: Sequence[RowParallelLinear], width: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """Per projection, the fp32 sum of its bias and those before it (None counts as zeros). While autograd records
+    and a bias takes gradients, one add per row, as transformers' layers add them: a bias whose sums feed nothing
+    the loss reads then keeps ``grad`` None, where one stacked cumulative sum would hand it zeros."""
     biases = [like.new_zeros(width) if p.bias is None else p.bias for p in projections]
-    return torch.stack(biases).cumsum(0, dtype=torch.float32)
+    if not (torch.is_grad_enabled() and any(b.requires_grad for b in biases)):
+        return list(torch.stack(biases).cumsum(0, dtype=torch.float32).unbind())
+    return list(itertools.accumulate(b.float() for b in biases))
 
 
 def check_feature_layers(feature_layers) -> list[int]:
