@@ -22,14 +22,15 @@
 # four reference models, both paths, against transformers compiled with reduce-overhead;
 # stream: the GPU tests of the LayerNorm kernel, the encoders, graphs and patch, then batch 128 of ViT-L/14-336 and
 # so400m on the single-rank stream and on the pair path (A/B) against transformers compiled (default mode);
-# profile: the per-op breakdown of a ViT-L/14-336 batch-128 forward on the stream and on the pair path, and so400m's;
-# diagnose: batch 1's host profile of the plain and the compiled call (ViT-L/14-336, text L/14), batch 1 of the
-# four reference models plain, on the pair path, compiled and with explicit graphs (interleaved rounds), and
-# ViT-L/14-336's per-op breakdown at batch 128 against torch.compile;
+# profile: the per-op breakdown of a ViT-L/14-336 batch-128 forward on the stream, on the pair path and compiled, and
+# so400m's;
+# diagnose: batch 1 of the four reference models plain, on the pair path, compiled and with explicit graphs
+# (interleaved rounds), then batch 1's host profile of the plain and the compiled call (ViT-L/14-336, text L/14);
+# verify: the GPU tests of the encoders, graphs and patch;
 # small_m: whole-model A/B of the path choices at batch 1 and 8 (automatic graphs), cuBLAS into the packed q/k/v
 # layout at every M among them.
 set -uo pipefail
-stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128, stream, profile, diagnose or small_m}
+stage=${1:?kernels, report, launch, paths, auto, suite, gemm_ws, compile, epilogue, linear_all, forms, b128, stream, profile, diagnose, verify or small_m}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -135,23 +136,25 @@ stream)
     grep -E " b128 |ratio" "$out/b128_ab.log" | head -20
     ;;
 profile)
-    run profile_ops 150 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
-        --providers vitriton vitriton-pair
+    run profile_ops 170 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
+        --providers vitriton vitriton-pair hf-compile
     run profile_ops_so400m 100 python3 -m benchmarks.profile_ops --model siglip-so400m-384 --batch 128 \
         --providers vitriton
     tail -45 "$out/profile_ops.log"
     tail -20 "$out/profile_ops_so400m.log"
     ;;
 diagnose)
-    run profile_host 200 python3 benchmarks/profile_host.py --models clip-vit-l14-336 clip-text-l14 \
-        --profile vitriton vitriton-compile --calls 50 --top 30
     run b1_ab 200 python3 -m benchmarks.bench_ab --models clip-vit-l14-336 clip-text-l14 siglip-so400m-384 \
         clip-vit-b16-224 --providers vitriton vitriton-pair vitriton-compile vitriton-graphs
-    run profile_ops 170 python3 -m benchmarks.profile_ops --model clip-vit-l14-336 --batch 128 \
-        --providers vitriton hf-compile
-    grep -E "wall|^[a-z].*(vitriton|hf-sdpa) " "$out/profile_host.log" | tail -10
+    run profile_host 170 python3 benchmarks/profile_host.py --models clip-vit-l14-336 clip-text-l14 \
+        --profile vitriton vitriton-compile --calls 50 --top 30
     grep " b1 " "$out/b1_ab.log"
-    grep -E "per forward|│ (gemm|attention|layernorm|other) " "$out/profile_ops.log"
+    grep -E "wall|^[a-z].*(vitriton|hf-sdpa) " "$out/profile_host.log" | tail -10
+    ;;
+verify)
+    run gpu_tests 220 python3 -m pytest tests/encoders tests/test_graphs.py tests/test_patch.py -m gpu -q \
+        -p no:cacheprovider
+    tail -n 3 "$out/gpu_tests.log"
     ;;
 small_m)
     run paths_small 400 python3 -m benchmarks.bench_paths --models clip-vit-l14-336 siglip-so400m-384 \
