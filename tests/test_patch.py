@@ -280,6 +280,24 @@ def test_patch_twice_changes_nothing():
     assert {name: tensor.data_ptr() for name, tensor in model.state_dict().items()} == pointers
 
 
+def test_patch_keeps_gradient_checkpointing():
+    # transformers' gradient_checkpointing_enable on a patched model switches vitriton's encoder layers (it raised
+    # "CLIPModel is not compatible with gradient checkpointing" when the towers held no layer with the switch), and
+    # pixel gradients through the checkpointed layers are transformers'
+    hf, model = models.clip_model(), vitriton.patch(models.clip_model())
+    grads = []
+    for each in (hf, model):
+        each.train().gradient_checkpointing_enable(every_n_layers=2)
+        x = models.pixels(2, 40, seed=7).requires_grad_()
+        each.get_image_features(x).pooler_output.square().sum().backward()
+        grads.append(x.grad)
+    assert model.is_gradient_checkpointing
+    assert [layer.gradient_checkpointing for layer in model.vision_model.encoder.layers] == [True, False]
+    close(grads[1], grads[0])
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+
+
 def test_patch_an_unsupported_model_says_what_it_looked_for():
     with pytest.raises(ValueError, match="no CLIP or SigLIP tower in Sequential.*modeling_clip.CLIPVisionModel"):
         vitriton.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))

@@ -4,6 +4,7 @@ and to parameters a caller unfroze match transformers'. Under no_grad and infere
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import vitriton
@@ -65,3 +66,49 @@ def test_parameters_that_feed_no_loss_keep_grad_none():
         assert (parameter.grad is None) == (theirs[name].grad is None), name
         if parameter.grad is not None:
             assert relative_error(parameter.grad, theirs[name].grad) <= 1e-4, name
+
+
+def test_gradient_checkpointing_recomputes_layers_with_transformers_gradients():
+    # transformers' gradient_checkpointing_enable: in training mode each checkpointed layer runs again in backward
+    # (every_n_layers=2: the first of two), and the gradients are those without it
+    hf = models.siglip_model().vision_model.train()
+    ours = vitriton.from_transformers(hf, dtype=torch.float32).train().requires_grad_(True)
+    assert ours.supports_gradient_checkpointing and not ours.is_gradient_checkpointing
+    for model in (hf, ours):
+        model.gradient_checkpointing_enable(every_n_layers=2)
+    layers = ours.encoder.layers
+    assert ours.is_gradient_checkpointing and [layer.gradient_checkpointing for layer in layers] == [True, False]
+    calls = []
+    layers[0].mlp.fc1.register_forward_hook(lambda *_: calls.append(0))
+    x = models.pixels(2, 35, seed=6)
+    for model in (hf, ours):
+        model(pixel_values=x).pooler_output.square().sum().backward()
+    assert len(calls) == 2, "the checkpointed layer runs in the forward and again in the backward"
+    theirs = dict(hf.named_parameters())
+    for name in ("encoder.layers.0.mlp.fc1.weight", "encoder.layers.1.self_attn.out_proj.bias", "head.probe"):
+        assert relative_error(ours.get_parameter(name).grad, theirs[name].grad) <= 1e-4, name
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("part", ["model", "text_model", "vision_model"])
+def test_gradient_checkpointing_makes_text_embeddings_require_grad_as_transformers(part):
+    # transformers' gradient_checkpointing_enable on a model whose main input is input_ids (a text tower, the dual
+    # encoders) hooks the input embeddings of each model it holds, so that a frozen model's hidden states require
+    # grad (for adapters); a vision tower's stay as they were
+    clip = models.clip_model().requires_grad_(False)
+    hf = clip if part == "model" else getattr(clip, part)
+    ids, mask = models.text(2, 11)
+    inputs = {
+        "model": dict(input_ids=ids, pixel_values=models.pixels(2, 40), attention_mask=mask),
+        "text_model": dict(input_ids=ids),
+        "vision_model": dict(pixel_values=models.pixels(2, 40)),
+    }[part]
+    ours = vitriton.from_transformers(hf, dtype=torch.float32)
+    requires = []
+    for model in (hf, ours):
+        model.gradient_checkpointing_enable()
+        out = model(**inputs)
+        outs = [out.text_model_output, out.vision_model_output] if part == "model" else [out]
+        requires.append([o.last_hidden_state.requires_grad for o in outs])
+    assert requires[0] == requires[1] == ([True, True] if part == "model" else [part == "text_model"])

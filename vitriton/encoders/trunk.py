@@ -46,7 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vitriton.graphs import AutoGraphs, called_as_module, called_inside, global_hooks, replayable
@@ -344,10 +346,13 @@ def activation_module(act, prefix: str, weights: Weights) -> nn.Module | Callabl
     return module.requires_grad_(False)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: LN1 -> attention -> LN2 -> MLP. The encoder runs it on the ``(delta, residual)`` stream
     (``step``: the residual add fused into the next LayerNorm); called as a module it is transformers' layer,
-    hidden states in and out, so forward hooks on it see what they see in transformers."""
+    hidden states in and out, so forward hooks on it see what they see in transformers. It is transformers'
+    ``GradientCheckpointingLayer``, so ``gradient_checkpointing_enable()`` (vitriton's models', or that of a
+    transformers model holding a patched tower) switches it, and a checkpointed layer in training mode is
+    called as a module (``Encoder.layer_hooks``), which recomputes it in backward."""
 
     attention_cls: type[Attention] = Attention
     mlp_cls: type[MLP] = MLP
@@ -592,12 +597,13 @@ class Encoder(nn.Module):
 
     def layer_hooks(self, depth: int) -> list[bool]:
         """Per layer of the first ``depth``, whether it must be called as a module: a forward or backward hook or
-        pre-hook (its own, or a global one) must see it, or its ``forward`` was replaced on the instance (as
-        accelerate's hooks do). The other layers run their ``step`` directly, without the module call's cost."""
+        pre-hook (its own, or a global one) must see it, its ``forward`` was replaced on the instance (as
+        accelerate's hooks do), or it is checkpointed (:func:`checkpointed`). The other layers run their ``step``
+        directly, without the module call's cost."""
         if global_hooks():
             return [True] * depth
         layers = itertools.islice(self.layers, depth)  # a slice of a ModuleList builds a new one
-        return [called_as_module(layer) for layer in layers]
+        return [called_as_module(layer) or checkpointed(layer) for layer in layers]
 
     def symmetric_results(self, depth: int, chunks: int) -> list[tuple[str | None, str | None]]:
         """Per layer, what its attention's and MLP's reduces do with symmetric memory
@@ -647,6 +653,13 @@ class Encoder(nn.Module):
             wait_all(reduces)
         residual = None if depth == 0 else torch.cat(residuals)
         return EncoderOutput(torch.cat(deltas), residual, None, None)
+
+
+def checkpointed(layer: EncoderLayer) -> bool:
+    """Whether ``layer`` recomputes in backward (``GradientCheckpointingLayer.__call__``): gradient checkpointing
+    is on for it and it is in training mode, as transformers' layers check, while grad mode is on (without
+    autograd there is nothing to save, and the fused path runs; read first, it settles inference calls)."""
+    return torch.is_grad_enabled() and layer.training and layer.gradient_checkpointing
 
 
 # The single-rank forward on one residual stream (``Encoder.forward_accumulated``); False: the (delta, residual) pair.
@@ -721,6 +734,28 @@ def interpreter_guard(dtype: torch.dtype, device: torch.device) -> contextlib.Ab
 
 class ModelAttributes:
     """What code around a transformers model reads off it, for vitriton's towers and model classes alike."""
+
+    # transformers' gradient checkpointing, its own methods: they switch the encoder layers, which are its
+    # GradientCheckpointingLayer, and call enable_input_require_grads (below) where the main input is input_ids.
+    supports_gradient_checkpointing = True
+    gradient_checkpointing_enable = PreTrainedModel.gradient_checkpointing_enable
+    gradient_checkpointing_disable = PreTrainedModel.gradient_checkpointing_disable
+    _set_gradient_checkpointing = PreTrainedModel._set_gradient_checkpointing
+    is_gradient_checkpointing = PreTrainedModel.is_gradient_checkpointing
+    disable_input_require_grads = PreTrainedModel.disable_input_require_grads
+
+    def enable_input_require_grads(self) -> None:
+        """Makes each tower's input embedding output require grad, so that a frozen model's hidden states do (for
+        adapters, and for checkpointed layers to recompute), as transformers hooks the input embeddings of each
+        of its models in the tree: a dual encoder's both towers, a tower's own."""
+
+        def make_inputs_require_grads(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        embeddings = {
+            id(m.get_input_embeddings()): m.get_input_embeddings() for m in self.modules() if isinstance(m, Tower)
+        }
+        self._require_grads_hooks = [e.register_forward_hook(make_inputs_require_grads) for e in embeddings.values()]
 
     @property
     def architecture(self) -> str:
