@@ -298,6 +298,16 @@ def test_patch_keeps_gradient_checkpointing():
     assert not model.is_gradient_checkpointing
 
 
+def test_patch_keeps_training_mode():
+    # a tower patched in training mode stays in it (it came out in eval mode, so attention dropout stopped), and
+    # one in eval mode stays in eval mode
+    model = models.clip_model()
+    model.text_model.train()
+    vitriton.patch(model)
+    assert all(module.training for module in model.text_model.modules())
+    assert not any(module.training for module in model.vision_model.modules())
+
+
 def test_patch_an_unsupported_model_says_what_it_looked_for():
     with pytest.raises(ValueError, match="no CLIP or SigLIP tower in Sequential.*modeling_clip.CLIPVisionModel"):
         vitriton.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))

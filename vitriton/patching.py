@@ -49,14 +49,15 @@ def patch(
 ) -> nn.Module:
     """Replaces every transformers CLIP/SigLIP tower in ``model`` by vitriton's, in place, and returns ``model``.
 
-    The towers keep the dtype and device of their parameters. ``process_group`` (default: the default group when
-    torch.distributed is initialised) and ``parallel`` are those of :func:`vitriton.from_pretrained`: in tensor
-    mode each rank keeps its shard of the full in-memory weights, in data mode the whole tower and its share of
-    each batch; ``"auto"`` picks one per tower by its size, as :func:`vitriton.from_pretrained` does.
-    ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose towers are vitriton's already is left
-    as it is (patching twice changes nothing). When ``model`` is itself a tower (``CLIPVisionModel``, ...), the
-    object becomes vitriton's tower (its class changes; the identity, the children's layout and ``model.config``
-    stay), with transformers' model attributes (``device``, ``dtype``, ``get_input_embeddings()``, ...).
+    The towers keep the dtype and device of their parameters, and their training mode. ``process_group`` (default:
+    the default group when torch.distributed is initialised) and ``parallel`` are those of
+    :func:`vitriton.from_pretrained`: in tensor mode each rank keeps its shard of the full in-memory weights, in
+    data mode the whole tower and its share of each batch; ``"auto"`` picks one per tower by its size, as
+    :func:`vitriton.from_pretrained` does. ``cuda_graphs`` as :func:`vitriton.enable_cuda_graphs`. A model whose
+    towers are vitriton's already is left as it is (patching twice changes nothing). When ``model`` is itself a
+    tower (``CLIPVisionModel``, ...), the object becomes vitriton's tower (its class changes; the identity, the
+    children's layout and ``model.config`` stay), with transformers' model attributes (``device``, ``dtype``,
+    ``get_input_embeddings()``, ...).
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r}; expected one of {PARALLEL_MODES}")
@@ -88,13 +89,14 @@ def patch(
 
 
 def accelerate(module: nn.Module, *, process_group: ProcessGroup | None, parallel: str) -> nn.Module:
-    """vitriton's tower for one transformers tower, sharing its tensors (wrapped for data parallelism when asked)."""
+    """vitriton's tower for one transformers tower, sharing its tensors (wrapped for data parallelism when asked),
+    in the training mode the transformers tower was in."""
     model_cls, attribute = TOWERS[type(module)]
     parameter = next(module.parameters())
     built = model_cls.from_transformers(
         module, dtype=parameter.dtype, device=parameter.device, process_group=process_group, parallel=parallel
     )
-    tower = getattr(built, attribute)
+    tower = getattr(built, attribute).train(module.training)  # built in eval mode; dropout follows the mode
     with torch.no_grad():
         for tensor in tower.parameters():
             if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
