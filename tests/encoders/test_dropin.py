@@ -340,6 +340,31 @@ def call(model, tower: str | None, name: str):
     return model(px, output_hidden_states=True) if tower == "vision" else model(ids, mask, output_hidden_states=True)
 
 
+# The plain attributes transformers 5.17's classes set from their configs, which code around a model reads.
+CLASS_ATTRIBUTES = {
+    "CLIPModel": ("projection_dim", "text_embed_dim", "vision_embed_dim"),
+    "CLIPTextModel": ("eos_token_id",),
+    "SiglipVisionModel": ("use_head",),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CLASS_ATTRIBUTES))
+def test_class_attributes_as_transformers(name):
+    tower = dict(DROP_IN_CLASSES)[name]
+    hf = transformers_model(name, tower, seed=3)
+    ours = vitriton.from_transformers(hf)
+    for attribute in CLASS_ATTRIBUTES[name]:
+        assert getattr(ours, attribute) == getattr(hf, attribute), attribute
+    if name == "CLIPTextModel":
+        # transformers' forward pools at the first token equal to the eos_token_id the model holds when called
+        ids, mask = models.text(2, 9, seed=22)
+        before = ours(ids, mask).pooler_output
+        hf.eos_token_id = ours.eos_token_id = int(ids[0, 1])
+        assert_same(ours(ids, mask), hf(ids, mask), "eos_token_id set after construction")
+        assert not torch.equal(ours(ids, mask).pooler_output, before)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize(("name", "tower"), DROP_IN_CLASSES, ids=[name for name, _ in DROP_IN_CLASSES])
 def test_set_input_embeddings_as_transformers(name, tower):

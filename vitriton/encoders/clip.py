@@ -107,6 +107,7 @@ class CLIPVisionModel(VisionModel):
 class CLIPTextModel(TextModel):
     config_class = CLIPTextConfig
     transformer_cls = CLIPTextTransformer
+    tower_attributes = ("eos_token_id",)
 
 
 class CLIPVisionModelWithProjection(VisionModelWithProjection):
@@ -132,6 +133,8 @@ class CLIPModel(DualEncoder):
     def __init__(self, prefix: str, config: CLIPConfig, weights: Weights):
         super().__init__(prefix, config, weights)
         text, vision, dim = config.text_config, config.vision_config, config.projection_dim
+        # As transformers' CLIPModel holds them.
+        self.projection_dim, self.text_embed_dim, self.vision_embed_dim = dim, text.hidden_size, vision.hidden_size
         self.visual_projection = ReplicatedLinear.load(
             join(prefix, "visual_projection"), weights, in_features=vision.hidden_size, out_features=dim, bias=False
         )

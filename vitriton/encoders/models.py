@@ -45,14 +45,18 @@ class NestedTower:
     objects), read from it, assigned and deleted in it, as its state dict's keys are the tower's."""
 
     nested: str
+    # Plain attributes of the tower that transformers' class holds itself (CLIP's eos_token_id, which its forward
+    # reads when called), read and assigned in the tower as its submodules are.
+    tower_attributes: tuple[str, ...] = ()
 
     def _tower_holding(self, name: str) -> nn.Module | None:
-        """The tower, when it holds a submodule ``name`` and this model holds nothing of that name; else None."""
+        """The tower, when it holds a submodule ``name`` (or ``name`` is one of ``tower_attributes``) and this model
+        holds nothing of that name; else None."""
         modules = self.__dict__.get("_modules", {})
         tower = modules.get(self.nested)
-        if tower is None or name in modules or name in self.__dict__ or name not in tower._modules:
+        if tower is None or name in modules or name in self.__dict__:
             return None
-        return tower
+        return tower if name in tower._modules or name in self.tower_attributes else None
 
     def __getattr__(self, name: str):
         try:
@@ -61,7 +65,7 @@ class NestedTower:
             tower = self._tower_holding(name)
             if tower is None:
                 raise
-            return tower._modules[name]
+            return getattr(tower, name)
 
     def __setattr__(self, name: str, value) -> None:
         tower = self._tower_holding(name)

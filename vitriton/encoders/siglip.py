@@ -161,6 +161,11 @@ class SiglipVisionTransformer(VisionTransformer):
     norm_all_tokens = True
     encoder_cls = SiglipEncoder
 
+    @property
+    def use_head(self) -> bool:
+        """Whether the config has the pooling head, as transformers' ``SiglipVisionModel.use_head``."""
+        return getattr(self.config, "vision_use_head", True)
+
     def build_head(self, prefix: str, config, weights: Weights) -> nn.Module | None:
         if not getattr(config, "vision_use_head", True):
             return None
@@ -187,6 +192,7 @@ class SiglipTextTransformer(TextTransformer):
 class SiglipVisionModel(VisionModel):
     config_class = SiglipVisionConfig
     transformer_cls = SiglipVisionTransformer
+    tower_attributes = ("use_head",)
 
 
 class SiglipTextModel(TextModel):
