@@ -603,6 +603,8 @@ class Encoder(nn.Module):
         if global_hooks():
             return [True] * depth
         layers = itertools.islice(self.layers, depth)  # a slice of a ModuleList builds a new one
+        if not torch.is_grad_enabled():  # nothing to recompute in backward: inference, the common case
+            return [called_as_module(layer) for layer in layers]
         return [called_as_module(layer) or checkpointed(layer) for layer in layers]
 
     def symmetric_results(self, depth: int, chunks: int) -> list[tuple[str | None, str | None]]:
@@ -656,10 +658,10 @@ class Encoder(nn.Module):
 
 
 def checkpointed(layer: EncoderLayer) -> bool:
-    """Whether ``layer`` recomputes in backward (``GradientCheckpointingLayer.__call__``): gradient checkpointing
-    is on for it and it is in training mode, as transformers' layers check, while grad mode is on (without
-    autograd there is nothing to save, and the fused path runs; read first, it settles inference calls)."""
-    return torch.is_grad_enabled() and layer.training and layer.gradient_checkpointing
+    """Whether ``layer``, called with grad on, recomputes in backward (``GradientCheckpointingLayer.__call__``):
+    gradient checkpointing is on for it and it is in training mode, as transformers' layers check. With grad off
+    there is nothing to save, and the fused path runs (``Encoder.layer_hooks``)."""
+    return layer.training and layer.gradient_checkpointing
 
 
 # The single-rank forward on one residual stream (``Encoder.forward_accumulated``); False: the (delta, residual) pair.
