@@ -242,6 +242,19 @@ def test_dtype_forms(clip_dir):
     assert model.logit_scale.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [{"text_config": torch.float16, "vision_config": torch.float32, "": "bfloat16"}, {"text_config": "float16"}],
+)
+def test_dtype_per_sub_config_as_transformers(clip_dir, dtype):
+    """transformers 5.17 takes a dict per sub-config but loads every module in its "" entry's dtype (the default
+    dtype without one), and so does vitriton, warning that the other entries are not applied."""
+    expected = transformers.CLIPModel.from_pretrained(clip_dir, dtype=dtype).dtype
+    with pytest.warns(UserWarning, match="one dtype per sub-config is deprecated"):
+        model = vitriton.from_pretrained(clip_dir, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_auto_dtype_of_a_tower_is_the_stored_one(family, tmp_path):
     """transformers' default dtype="auto" reads the config's dtype, else the stored weights': a tower class loading

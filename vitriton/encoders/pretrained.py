@@ -137,12 +137,24 @@ def _checkpoint_root(path, revision, cache_dir, token) -> Path:
 
 def resolve_dtype(dtype, torch_dtype, config) -> torch.dtype:
     """``dtype`` as transformers takes it: a torch dtype, its name ("bfloat16", "torch.float16") or "auto" (the
-    config's dtype, as is None); ``torch_dtype`` is the deprecated alias."""
+    config's dtype, as is None); ``torch_dtype`` is the deprecated alias. A dict per sub-config
+    (``{"text_config": ..., "": ...}``) loads every module in its ``""`` entry's dtype, else in torch's default
+    dtype, as transformers 5.17 does, with a warning where it names other dtypes."""
     if torch_dtype is not None:
         if dtype is not None:
             raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} both given; pass only dtype")
         warnings.warn("torch_dtype is deprecated; pass dtype instead", FutureWarning, stacklevel=3)
         dtype = torch_dtype
+    if isinstance(dtype, Mapping):
+        main = dtype.get("", torch.get_default_dtype())
+        if any(value != main for value in dtype.values()):
+            warnings.warn(
+                f"dtype={dtype!r}: one dtype per sub-config is deprecated in transformers, which loads every module "
+                f"in the '' entry's dtype ({main}), as vitriton does; pass that one dtype",
+                UserWarning,
+                stacklevel=3,
+            )
+        dtype = main
     if dtype is None or dtype == "auto":
         # transformers 5 configs carry ``dtype``; reading their ``torch_dtype`` alias would print its deprecation.
         dtype = getattr(config, "dtype", None)
