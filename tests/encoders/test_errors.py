@@ -338,6 +338,11 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
     config.vision_config.layer_norm_eps = 0.25  # config= is read instead of config.json
     model = vitriton.from_pretrained(clip_dir, config=config, attn_implementation="eager")
     assert type(model) is vitriton.CLIPModel and model.config.vision_config.layer_norm_eps == 0.25
+    (tmp_path / "config.json").write_text(config.to_json_string())  # or a path to read it from, as transformers
+    for given in (tmp_path, tmp_path / "config.json"):
+        model = vitriton.CLIPVisionModel.from_pretrained(clip_dir, config=given)
+        assert model.config.layer_norm_eps == 0.25
+        assert vitriton.from_pretrained(clip_dir, config=str(given)).config.vision_config.layer_norm_eps == 0.25
     (tmp_path / "sub").symlink_to(clip_dir, target_is_directory=True)
     assert type(vitriton.from_pretrained(tmp_path, subfolder="sub", tower="text")) is vitriton.CLIPTextModel
 
@@ -348,7 +353,8 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
         (dict(use_safetensors=False), ValueError, "reads safetensors checkpoints only"),
         (dict(device_map={"vision_model": "cpu", "text_model": "meta"}), ValueError, "on 2 devices"),
         (dict(device_map="cpu", device="meta"), ValueError, "name different devices"),
-        (dict(config="config.json"), TypeError, "takes a transformers PretrainedConfig"),
+        (dict(config=1), TypeError, "takes a transformers PretrainedConfig or its path"),
+        (dict(config="nowhere"), CheckpointError, "cannot read config='nowhere'"),
         (dict(subfolder="nowhere"), FileNotFoundError, "subfolder='nowhere'"),
         (dict(output_loading_info=True), TypeError, "'output_loading_info'"),
     ],

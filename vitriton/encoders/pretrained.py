@@ -48,11 +48,11 @@ TOWER_MARKERS = {"vision": "embeddings.patch_embedding.weight", "text": "embeddi
 
 # transformers' from_pretrained keywords taken so that a caller's call runs unchanged (``hub_options``): where the
 # checkpoint is, looked up in the local Hugging Face cache (``revision``, ``cache_dir``, ``token``) or below the
-# directory (``subfolder``); ``config``, a config object read instead of config.json; ``device_map``, one device;
-# and options that change nothing here: ``attn_implementation`` (vitriton runs its own attention; see
-# output_attentions), ``local_files_only`` (nothing is ever downloaded), ``low_cpu_mem_usage`` (tensors are read
-# one at a time anyway), ``trust_remote_code``, and ``use_safetensors`` unless False (safetensors is all vitriton
-# reads).
+# directory (``subfolder``); ``config``, a config object (or the path of one) read instead of config.json;
+# ``device_map``, one device; and options that change nothing here: ``attn_implementation`` (vitriton runs its own
+# attention; see output_attentions), ``local_files_only`` (nothing is ever downloaded), ``low_cpu_mem_usage``
+# (tensors are read one at a time anyway), ``trust_remote_code``, and ``use_safetensors`` unless False
+# (safetensors is all vitriton reads).
 HUB_OPTIONS = ("revision", "cache_dir", "token", "subfolder")
 NO_OP_OPTIONS = ("attn_implementation", "local_files_only", "low_cpu_mem_usage", "trust_remote_code", "use_safetensors")
 TRANSFORMERS_OPTIONS = (*HUB_OPTIONS, "config", "device_map", *NO_OP_OPTIONS)
@@ -60,15 +60,26 @@ TRANSFORMERS_OPTIONS = (*HUB_OPTIONS, "config", "device_map", *NO_OP_OPTIONS)
 
 def hub_options(options: dict) -> tuple[dict, PretrainedConfig | None, torch.device | str | None]:
     """``TRANSFORMERS_OPTIONS`` taken out of ``options`` (what is left goes on to ``build``): the cache lookup's
-    keywords (``resolve_checkpoint``), the config object given, and the device ``device_map`` names. Raises for
-    values vitriton cannot honour."""
+    keywords (``resolve_checkpoint``), the config given (:func:`given_config`), and the device ``device_map``
+    names. Raises for values vitriton cannot honour."""
     taken = {name: options.pop(name) for name in TRANSFORMERS_OPTIONS if name in options}
     if taken.get("use_safetensors") is False:
         raise ValueError("use_safetensors=False: vitriton reads safetensors checkpoints only")
-    config = taken.get("config")
-    if config is not None and not isinstance(config, PretrainedConfig):
-        raise TypeError(f"config= takes a transformers PretrainedConfig; got {type(config).__name__}")
-    return {name: taken[name] for name in HUB_OPTIONS if taken.get(name) is not None}, config, one_device(taken)
+    lookup = {name: taken[name] for name in HUB_OPTIONS if taken.get(name) is not None}
+    return lookup, given_config(taken.get("config"), lookup), one_device(taken)
+
+
+def given_config(config, lookup: dict) -> PretrainedConfig | None:
+    """``config=`` as transformers takes it: a config object, or the path of one (a directory, its config.json, a
+    Hub repo id in the local cache, found with the checkpoint's ``lookup`` keywords, as transformers finds it)."""
+    if config is None or isinstance(config, PretrainedConfig):
+        return config
+    if not isinstance(config, str | os.PathLike):
+        raise TypeError(f"config= takes a transformers PretrainedConfig or its path; got {type(config).__name__}")
+    try:
+        return AutoConfig.from_pretrained(config, local_files_only=True, **lookup)
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read config={config!r}: {err}") from err
 
 
 # device_map strategies of transformers (accelerate) that spread a model over the visible devices; vitriton loads
