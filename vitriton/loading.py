@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from vitriton.encoders import clip, siglip
-from vitriton.encoders.pretrained import TRANSFORMERS_OPTIONS, hub_options, resolve_checkpoint
+from vitriton.encoders.pretrained import hub_options, resolve_checkpoint
 from vitriton.encoders.trunk import TextTransformer, VisionTransformer
 from vitriton.parallel import CheckpointError
 
@@ -144,9 +144,6 @@ def from_pretrained(
       its path) replaces its config.json, ``device_map`` names one device, and ``attn_implementation``,
       ``local_files_only``, ``low_cpu_mem_usage``, ``trust_remote_code`` and ``use_safetensors`` change nothing.
     """
-    unknown = sorted(set(options) - set(TRANSFORMERS_OPTIONS))
-    if unknown:
-        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
     lookup, given, _ = hub_options(dict(options))
     directory = resolve_checkpoint(path, **lookup)
     if given is not None:

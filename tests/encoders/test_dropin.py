@@ -484,6 +484,30 @@ def test_state_dict_under_any_prefix():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("CLIPVisionModel", dict(output_hidden_states=True)),
+        ("SiglipTextModel", dict(output_attentions=True, layer_norm_eps=0.25)),
+        ("CLIPModel", dict(output_hidden_states=True, text_config={"layer_norm_eps": 0.25})),
+    ],
+)
+def test_from_pretrained_config_keywords(name, overrides, tmp_path):
+    """Keywords that name config attributes replace them, as transformers' from_pretrained passes them to the
+    config: a tower's output flags, its fields, a sub-config's fields as a dict (and CLIPModel's own
+    output_hidden_states, which transformers' towers do not read, so calls return no hidden states)."""
+    tower = dict(DROP_IN_CLASSES)[name]
+    transformers_model(name, tower, seed=4).save_pretrained(tmp_path)
+    options = dict(attn_implementation="eager", **overrides)  # transformers returns attentions from eager only
+    ref = getattr(transformers, name).from_pretrained(tmp_path, **options).eval()
+    ours = getattr(vitriton, name).from_pretrained(tmp_path, **options)
+    px = models.pixels(2, 40 if name.startswith("CLIP") else 35, seed=21)
+    ids, mask = models.text(2, 9, seed=21)
+    inputs = {"vision": (px,), "text": (ids, mask), None: (ids, px, mask)}[tower]
+    assert_same(ours(*inputs), ref(*inputs), name)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize(("name", "tower"), [DROP_IN_CLASSES[1], DROP_IN_CLASSES[2]], ids=["SiglipModel", "CLIPVision"])
 def test_save_pretrained_loads_in_transformers(name, tower, tmp_path):
     """save_pretrained writes what transformers' from_pretrained loads (the same outputs), in the model's dtype,

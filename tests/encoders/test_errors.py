@@ -269,6 +269,24 @@ def test_auto_dtype_of_a_tower_is_the_stored_one(family, tmp_path):
     assert vitriton.from_pretrained(tmp_path, tower="vision", dtype=torch.float32).dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ["CLIPModel", "CLIPVisionModel"])
+def test_loaded_config_as_transformers(clip_dir, name):
+    """The model's config records the dtype loaded (its sub-configs too) and the path, as transformers' does, on
+    a copy of a config object given."""
+    given = transformers.AutoConfig.from_pretrained(clip_dir)
+    if name == "CLIPVisionModel":
+        given = given.vision_config
+    before = given.to_dict()
+    expected = getattr(transformers, name).from_pretrained(clip_dir, config=given, dtype="float16").config
+    model = getattr(vitriton, name).from_pretrained(clip_dir, config=given, dtype="float16")
+    assert model.config is not given and given.to_dict() == before
+    assert model.config.name_or_path == expected.name_or_path == str(clip_dir)
+    subs = [(getattr(model.config, sub), getattr(expected, sub)) for sub in expected.sub_configs]
+    for ours, theirs in [(model.config, expected), *subs]:
+        assert (ours.dtype, ours.name_or_path) == (theirs.dtype, theirs.name_or_path)
+        assert ours.dtype == torch.float16
+
+
 @pytest.mark.parametrize("kwargs", [dict(feature_layers=-2), dict(num_layers=1)])
 def test_save_pretrained_of_a_truncated_tower(clip_dir, tmp_path, kwargs):
     """A tower built without its last layers would save a checkpoint whose config names layers it lacks (and no
@@ -365,5 +383,12 @@ def test_transformers_loading_keywords_vitriton_cannot_honour(clip_dir, options,
 
 
 def test_unknown_keyword_names_the_class(clip_dir):
+    """As in transformers, a keyword that names no config attribute raises, and so does one that does when a
+    config object is given (transformers passes them to the model's __init__, which takes none)."""
     with pytest.raises(TypeError, match=r"CLIPModel.from_pretrained\(\) got unexpected keyword argument\(s\) 'bogus'"):
         vitriton.CLIPModel.from_pretrained(clip_dir, bogus=1)
+    config = transformers.AutoConfig.from_pretrained(clip_dir)
+    with pytest.raises(TypeError, match="'output_hidden_states'; with config= given, set them on that config"):
+        vitriton.from_pretrained(clip_dir, config=config, output_hidden_states=True)
+    with pytest.raises(CheckpointError, match=r"has shape \(48, 144\); the config expects \(32, 144\)"):
+        vitriton.from_pretrained(clip_dir, projection_dim=32)  # transformers raises too (ignore_mismatched_sizes)

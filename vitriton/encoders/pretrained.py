@@ -8,6 +8,7 @@ checkpoint), so one rule serves every layout; a projection or the other tower si
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -180,6 +181,22 @@ def resolve_dtype(dtype, torch_dtype, config) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype} is not supported; vitriton runs float32, float16 or bfloat16 weights")
     return dtype
+
+
+def override_config(config: PretrainedConfig, overrides: Mapping) -> dict:
+    """transformers' config keywords to ``from_pretrained``: each of ``overrides`` that names an attribute of
+    ``config`` replaces it, a dict updating a sub-config's fields (``text_config={"layer_norm_eps": 1e-6}``), as
+    ``PretrainedConfig.from_dict`` applies them. Returns the others."""
+    left = {}
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            left[name] = value
+            continue
+        current = getattr(config, name)
+        if isinstance(current, PretrainedConfig) and isinstance(value, dict):
+            value = type(current)(**{**current.to_dict(), **value})
+        setattr(config, name, value)
+    return left
 
 
 def checkpoint_prefixes(names: Sequence[str]) -> list[str]:
@@ -488,12 +505,18 @@ class PretrainedMixin(ModelAttributes):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> nn.Module:
         """Loads this class from a checkpoint directory (or a Hub repo id in the local cache). Keyword arguments
         are those of :func:`vitriton.from_pretrained`, transformers' ``TRANSFORMERS_OPTIONS`` among them; a tower
-        class takes its tower out of a full CLIP/SigLIP or LLaVA checkpoint."""
+        class takes its tower out of a full CLIP/SigLIP or LLaVA checkpoint. As in transformers, other keywords
+        that name attributes of the class's config (``output_hidden_states=True``) replace them unless a config
+        object is given, and the model's config is a copy that records the dtype loaded and ``path``."""
+        read = not isinstance(kwargs.get("config"), PretrainedConfig)
         lookup, config, device = hub_options(kwargs)
-        unknown = sorted(set(kwargs) - set(inspect.signature(cls.build).parameters))
-        if unknown:
+        options = inspect.signature(cls.build).parameters
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name not in options}
+        if overrides and not read:
+            # transformers passes them to the model's __init__, which takes none
             raise TypeError(
-                f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+                f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) "
+                f"{', '.join(map(repr, sorted(overrides)))}; with config= given, set them on that config"
             )
         if device is not None:
             asked = kwargs.get("device")
@@ -501,18 +524,30 @@ class PretrainedMixin(ModelAttributes):
                 raise ValueError(f"device={asked!r} and device_map={device!r} name different devices; pass one")
             kwargs["device"] = device
         directory = resolve_checkpoint(path, **lookup)
-        if config is None:
-            config = read_config(directory)
-        alias = "torch_dtype" if kwargs.get("torch_dtype") is not None else "dtype"
-        if kwargs.get(alias) in (None, "auto") and getattr(cls.pick_config(config), "dtype", None) is None:
+        config = read_config(directory) if config is None else copy.deepcopy(config)
+        own = cls.pick_config(config)
+        unknown = sorted(override_config(own, overrides))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+            )
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        requested = torch_dtype if torch_dtype is not None else dtype
+        if requested in (None, "auto") and getattr(own, "dtype", None) is None:
             # transformers' dtype="auto" (its default) where the config names no dtype, as the sub-config of a
             # tower read out of a full CLIP/SigLIP or LLaVA checkpoint: the stored weights' dtype.
             stored = Weights(directory).stored_dtype()
             if stored in DTYPES:
-                kwargs[alias] = stored
+                own.dtype = stored
+        dtype = resolve_dtype(dtype, torch_dtype, own)
+        for each in (own, *(getattr(own, name) for name in own.sub_configs)):
+            if each is not None:
+                each.dtype = dtype
+        own.name_or_path = str(path)
         return cls.build(
             config,
             lambda dtype, group, device: Weights(directory, dtype=dtype, device=device, process_group=group),
+            dtype=dtype,
             **kwargs,
         )
 
