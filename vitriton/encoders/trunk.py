@@ -778,11 +778,10 @@ class ModelAttributes:
         sets them) and the ``state_dict()`` (transformers' keys) as ``model.safetensors``, or shards above
         ``max_shard_size``, so ``transformers.<architecture>.from_pretrained`` and vitriton's load the directory.
         ``is_main_process``: whether this process writes; by default rank 0 of the default process group (every
-        process when torch.distributed is not initialised). A tensor-parallel model raises: its ranks hold shards."""
+        process when torch.distributed is not initialised). A tensor-parallel model raises: its ranks hold shards.
+        ``safe_serialization`` changes nothing: transformers 5.17 writes safetensors whatever its value, as here."""
         if push_to_hub:
-            raise NotImplementedError("push_to_hub is not implemented: save_pretrained, then upload the directory")
-        if not safe_serialization:
-            raise ValueError("safe_serialization=False: vitriton writes safetensors checkpoints only")
+            self.push_to_hub()
         if parallel_mode(self) == "tensor":
             raise RuntimeError(
                 f"save_pretrained of a tensor-parallel {type(self).__name__}: each rank holds a shard of the weights. "
@@ -810,6 +809,14 @@ class ModelAttributes:
         config.dtype = str(self.dtype).removeprefix("torch.")
         config.save_pretrained(save_directory)
         save_checkpoint(state_dict, save_directory, max_shard_size=max_shard_size)
+
+    def push_to_hub(self, *args, **kwargs) -> str:
+        """transformers' ``push_to_hub`` (and ``save_pretrained(push_to_hub=True)``), which vitriton does not
+        implement: it raises, saying how to upload instead."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.push_to_hub is not implemented: call model.save_pretrained(directory), then "
+            f"upload the directory (huggingface_hub.upload_folder), or push the transformers model it came from"
+        )
 
     @property
     def device(self) -> torch.device:
