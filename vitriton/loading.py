@@ -140,7 +140,8 @@ def from_pretrained(
       ``True`` or batch-size buckets: every call up to the largest bucket replays; ``False``: none
       (vitriton.graphs, :func:`vitriton.enable_cuda_graphs`).
     - transformers' own loading keywords, so that its calls run unchanged (``TRANSFORMERS_OPTIONS``):
-      ``revision``, ``cache_dir``, ``token`` and ``subfolder`` find the checkpoint, ``config=`` (a config or
+      ``revision``, ``cache_dir``, ``token`` and ``subfolder`` find the checkpoint, ``variant`` its variant
+      files (``model.fp16.safetensors``), ``config=`` (a config or
       its path) replaces its config.json, ``device_map`` names one device, and ``attn_implementation``,
       ``local_files_only``, ``low_cpu_mem_usage``, ``trust_remote_code`` and ``use_safetensors`` change nothing.
     """

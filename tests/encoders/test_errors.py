@@ -365,6 +365,23 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
     assert type(vitriton.from_pretrained(tmp_path, subfolder="sub", tower="text")) is vitriton.CLIPTextModel
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("max_shard_size", ["50GB", "200KB"])
+def test_variant_reads_transformers_variant_files(clip_dir, tmp_path, max_shard_size):
+    """variant= reads model.<variant>.safetensors (or its sharded index) beside the default weights, as in
+    transformers; a variant the directory lacks raises."""
+    hf = transformers.CLIPVisionModel.from_pretrained(clip_dir).eval()
+    hf.save_pretrained(tmp_path)
+    models.perturb_vectors(hf).save_pretrained(tmp_path, variant="v2", max_shard_size=max_shard_size)
+    px = models.pixels(2, 40)
+    expected = transformers.CLIPVisionModel.from_pretrained(tmp_path, variant="v2")(px).pooler_output
+    torch.testing.assert_close(hf(px).pooler_output, expected)
+    ours = vitriton.CLIPVisionModel.from_pretrained(tmp_path, variant="v2")
+    torch.testing.assert_close(ours(px).pooler_output, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(CheckpointError, match=r"no safetensors weights \(model.v3.safetensors or"):
+        vitriton.from_pretrained(tmp_path, variant="v3")
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

@@ -507,8 +507,10 @@ class PretrainedMixin(ModelAttributes):
         are those of :func:`vitriton.from_pretrained`, transformers' ``TRANSFORMERS_OPTIONS`` among them; a tower
         class takes its tower out of a full CLIP/SigLIP or LLaVA checkpoint. As in transformers, other keywords
         that name attributes of the class's config (``output_hidden_states=True``) replace them unless a config
-        object is given, and the model's config is a copy that records the dtype loaded and ``path``."""
+        object is given, and the model's config is a copy that records the dtype loaded and ``path``. ``variant``
+        reads transformers' variant files (``model.fp16.safetensors``), as its ``from_pretrained(variant=)``."""
         read = not isinstance(kwargs.get("config"), PretrainedConfig)
+        variant = kwargs.pop("variant", None)
         lookup, config, device = hub_options(kwargs)
         options = inspect.signature(cls.build).parameters
         overrides = {name: kwargs.pop(name) for name in list(kwargs) if name not in options}
@@ -536,7 +538,7 @@ class PretrainedMixin(ModelAttributes):
         if requested in (None, "auto") and getattr(own, "dtype", None) is None:
             # transformers' dtype="auto" (its default) where the config names no dtype, as the sub-config of a
             # tower read out of a full CLIP/SigLIP or LLaVA checkpoint: the stored weights' dtype.
-            stored = Weights(directory).stored_dtype()
+            stored = Weights(directory, variant=variant).stored_dtype()
             if stored in DTYPES:
                 own.dtype = stored
         dtype = resolve_dtype(dtype, torch_dtype, own)
@@ -546,7 +548,9 @@ class PretrainedMixin(ModelAttributes):
         own.name_or_path = str(path)
         return cls.build(
             config,
-            lambda dtype, group, device: Weights(directory, dtype=dtype, device=device, process_group=group),
+            lambda dtype, group, device: Weights(
+                directory, dtype=dtype, device=device, process_group=group, variant=variant
+            ),
             dtype=dtype,
             **kwargs,
         )

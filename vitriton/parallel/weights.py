@@ -28,22 +28,32 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match the config."""
 
 
-def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint directory, from its index when sharded."""
+def with_variant(name: str, variant: str | None) -> str:
+    """transformers' name of a checkpoint file of ``variant``: ``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``."""
+    if variant is None:
+        return name
+    stem, _, extension = name.rpartition(".")
+    return f"{stem}.{variant}.{extension}"
+
+
+def checkpoint_files(directory: str | os.PathLike, variant: str | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index when sharded; ``variant`` picks the files
+    transformers' ``from_pretrained(variant=)`` reads (``model.fp16.safetensors`` or its index)."""
     directory = Path(directory)
-    index = directory / SAFE_INDEX
+    index, single = directory / with_variant(SAFE_INDEX, variant), directory / with_variant(SAFE_SINGLE, variant)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
-    elif (directory / SAFE_SINGLE).is_file():
-        files = [directory / SAFE_SINGLE]
+    elif single.is_file():
+        files = [single]
     else:
-        files = sorted(directory.glob("*.safetensors"))
+        files = sorted(directory.glob("*.safetensors")) if variant is None else []
     if not files:
-        raise CheckpointError(f"{directory} holds no safetensors weights ({SAFE_SINGLE} or {SAFE_INDEX})")
+        raise CheckpointError(f"{directory} holds no safetensors weights ({single.name} or {index.name})")
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"{file} is listed in {index} but does not exist")
@@ -94,10 +104,11 @@ class Weights:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         process_group: ProcessGroup | None = None,
+        variant: str | None = None,
     ) -> None:
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
-            files = checkpoint_files(path) if path.is_dir() else [path]
+            files = checkpoint_files(path, variant) if path.is_dir() else [path]
         else:
             files = [Path(f) for f in source]
         self.device = torch.device(device)
