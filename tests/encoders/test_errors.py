@@ -348,6 +348,7 @@ def test_transformers_loading_keywords(clip_dir, tmp_path):
     """transformers' from_pretrained keywords work unchanged: the checkpoint's place (subfolder), config=,
     device_map naming one device, and the options that change nothing here."""
     same = dict(attn_implementation="sdpa", local_files_only=True, low_cpu_mem_usage=True, use_safetensors=True)
+    same.update(ignore_mismatched_sizes=False)
     model = vitriton.CLIPVisionModel.from_pretrained(clip_dir, device_map="cpu", trust_remote_code=False, **same)
     assert type(model) is vitriton.CLIPVisionModel and model.device == torch.device("cpu")
     for device_map in ({"": "cpu"}, "balanced"):  # one device for every module; a strategy: the default device
@@ -386,6 +387,7 @@ def test_variant_reads_transformers_variant_files(clip_dir, tmp_path, max_shard_
     ("options", "error", "match"),
     [
         (dict(use_safetensors=False), ValueError, "reads safetensors checkpoints only"),
+        (dict(ignore_mismatched_sizes=True), ValueError, "ignore_mismatched_sizes=True: vitriton does not initialise"),
         (dict(device_map={"vision_model": "cpu", "text_model": "meta"}), ValueError, "on 2 devices"),
         (dict(device_map="cpu", device="meta"), ValueError, "name different devices"),
         (dict(config=1), TypeError, "takes a transformers PretrainedConfig or its path"),

@@ -52,10 +52,17 @@ TOWER_MARKERS = {"vision": "embeddings.patch_embedding.weight", "text": "embeddi
 # directory (``subfolder``); ``config``, a config object (or the path of one) read instead of config.json;
 # ``device_map``, one device; and options that change nothing here: ``attn_implementation`` (vitriton runs its own
 # attention; see output_attentions), ``local_files_only`` (nothing is ever downloaded), ``low_cpu_mem_usage``
-# (tensors are read one at a time anyway), ``trust_remote_code``, and ``use_safetensors`` unless False
-# (safetensors is all vitriton reads).
+# (tensors are read one at a time anyway), ``trust_remote_code``, ``use_safetensors`` unless False (safetensors is
+# all vitriton reads) and ``ignore_mismatched_sizes`` unless True (a shape unlike the config's raises, as there).
 HUB_OPTIONS = ("revision", "cache_dir", "token", "subfolder")
-NO_OP_OPTIONS = ("attn_implementation", "local_files_only", "low_cpu_mem_usage", "trust_remote_code", "use_safetensors")
+NO_OP_OPTIONS = (
+    "attn_implementation",
+    "local_files_only",
+    "low_cpu_mem_usage",
+    "trust_remote_code",
+    "use_safetensors",
+    "ignore_mismatched_sizes",
+)
 TRANSFORMERS_OPTIONS = (*HUB_OPTIONS, "config", "device_map", *NO_OP_OPTIONS)
 
 
@@ -66,6 +73,12 @@ def hub_options(options: dict) -> tuple[dict, PretrainedConfig | None, torch.dev
     taken = {name: options.pop(name) for name in TRANSFORMERS_OPTIONS if name in options}
     if taken.get("use_safetensors") is False:
         raise ValueError("use_safetensors=False: vitriton reads safetensors checkpoints only")
+    if taken.get("ignore_mismatched_sizes"):
+        raise ValueError(
+            "ignore_mismatched_sizes=True: vitriton does not initialise weights at random, so a checkpoint tensor "
+            "whose shape differs from the config's raises; load with transformers and pass the model to "
+            "vitriton.from_transformers, or leave the config as the checkpoint's"
+        )
     lookup = {name: taken[name] for name in HUB_OPTIONS if taken.get(name) is not None}
     return lookup, given_config(taken.get("config"), lookup), one_device(taken)
 
