@@ -1,19 +1,23 @@
 """Host work of a tower's automatic CUDA graphs around a replay, plain and compiled, on the CPU (no GPU needed).
 
-    python3 -m benchmarks.bench_graph_host [--layers 24] [--calls 400] [--backend inductor]
+    python3 -m benchmarks.bench_graph_host [--layers 24] [--calls 400] [--backend inductor] [--profile 30]
 
 A batch-1 call that replays from a graph costs the GPU's replay plus the host work before the replay is launched
 (the plain call's checks, and under torch.compile its guards and wrappers), so that work is what separates plain
 from compiled calls, and both from explicit graphs, at batch 1. Here the graphs are the CPU tests' fakes (a replay
 returns the captured call's outputs), on a CLIP vision tower of ``layers`` layers at a tiny width, so only the
 host's Python is timed. Rows: microseconds from the call to the replay's launch, and to the call's return
-(medians), for the plain call and the compiled one, then the automatic graphs' checks one by one.
+(medians), for the plain call and the compiled one, then the automatic graphs' checks one by one, each also timed
+inside the calls (the address check as the plain and the compiled call run it). ``--profile N``: the N functions
+with the most own time over the compiled calls (cProfile), where torch.compile's wrappers show.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor needs a C++ compiler)")
+    parser.add_argument("--profile", type=int, default=0, help="print this many functions of the compiled calls")
     args = parser.parse_args()
     AutoGraphs.device_type, AutoGraphs.runner_cls = "cpu", _FakeRunner
     launched = [0.0]
@@ -46,6 +51,16 @@ def main() -> None:
         return replay(self, *a, **k)
 
     _FakeRunner.replay = timed_replay
+    inside = []  # the address check's time within each call
+    unchanged = AutoGraphs._unchanged
+
+    def timed_unchanged(self):
+        start = time.perf_counter()
+        result = unchanged(self)
+        inside.append(time.perf_counter() - start)
+        return result
+
+    AutoGraphs._unchanged = timed_unchanged
     config = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers, num_attention_heads=2, image_size=32,
         patch_size=8,
@@ -60,13 +75,20 @@ def main() -> None:
             for _ in range(20):
                 call(pixels)  # captured, compiled
             before, total = [], []
+            inside.clear()
             for _ in range(args.calls):
                 start = time.perf_counter()
                 call(pixels)
                 total.append(time.perf_counter() - start)
                 before.append(launched[0] - start)
             print(f"{name:<9} to the replay {statistics.median(before) * 1e6:7.1f} us   "
-                  f"whole call {statistics.median(total) * 1e6:7.1f} us")  # fmt: skip
+                  f"whole call {statistics.median(total) * 1e6:7.1f} us   "
+                  f"address check inside {statistics.median(inside) * 1e6:5.1f} us")  # fmt: skip
+        AutoGraphs._unchanged = unchanged
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.runcall(lambda: [compiled(pixels) for _ in range(args.calls)])
+            pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
         tower, graphs = model.vision_model, model.vision_model.auto_graphs
         forward = type(tower).forward.__wrapped__  # the undecorated forward, as the graphs call it
         call = graphs._runner.bind((pixels,), {})
