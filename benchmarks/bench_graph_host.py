@@ -8,8 +8,10 @@ from compiled calls, and both from explicit graphs, at batch 1. Here the graphs 
 returns the captured call's outputs), on a CLIP vision tower of ``layers`` layers at a tiny width, so only the
 host's Python is timed. Rows: microseconds from the call to the replay's launch, and to the call's return
 (medians), for the plain call and the compiled one, then the automatic graphs' checks one by one, each also timed
-inside the calls (the address check as the plain and the compiled call run it). ``--profile N``: the N functions
-with the most own time over the compiled calls (cProfile), where torch.compile's wrappers show.
+inside the calls (the address check as the plain and the compiled call run it). Last, torch.compile's floor: the
+same timing of a module whose forward is one opaque op that returns two small tensors, so what the compiled call
+costs on this host with nothing of vitriton in it. ``--profile N``: the N functions with the most own time over
+the compiled calls (cProfile), where torch.compile's wrappers show.
 """
 
 from __future__ import annotations
@@ -101,6 +103,32 @@ def main() -> None:
         }
         for name, check in checks.items():
             print(f"  {name:<36} {timeit.timeit(check, number=args.calls * 10) / (args.calls * 10) * 1e6:7.1f} us")
+        floor = _OneOp()
+        times = [_median_us(call, pixels, args.calls) for call in (floor, torch.compile(floor, fullgraph=True))]
+        print(f"floor (a module of one opaque op)  plain {times[0]:6.1f} us   compiled {times[1]:6.1f} us   "
+              f"torch.compile adds {times[1] - times[0]:6.1f} us")  # fmt: skip
+
+
+def _median_us(call, pixels: torch.Tensor, calls: int) -> float:
+    for _ in range(20):
+        call(pixels)  # compiled
+    total = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call(pixels)
+        total.append(time.perf_counter() - start)
+    return statistics.median(total) * 1e6
+
+
+_FLOOR = torch.library.Library("vitriton_bench", "FRAGMENT")
+_FLOOR.define("two(Tensor x) -> Tensor[]")
+_FLOOR.impl("two", lambda x: [x.new_zeros(1, 4, 8), x.new_zeros(1, 8)], "CompositeExplicitAutograd")
+torch.library.register_fake("vitriton_bench::two", lambda x: [x.new_empty(1, 4, 8), x.new_empty(1, 8)], lib=_FLOOR)
+
+
+class _OneOp(torch.nn.Module):
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return torch.ops.vitriton_bench.two(pixels)
 
 
 if __name__ == "__main__":
