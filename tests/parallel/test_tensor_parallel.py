@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, SiglipConfig, SiglipModel
 
 import vitriton
 from tests.encoders import models
@@ -237,3 +237,35 @@ def test_parallel_matches_single_process(checkpoints, world, mode, kernels):
         assert message is not None and "2 does not divide by the tensor-parallel world size 4" in message
         assert "parallel='data'" in message and "layers.0.self_attn" in message  # names the module
         assert results[0]["data_mode_ok"]
+
+
+def _non_member_worker(rank: int, world: int, port: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    group = dist.new_group([0])  # every rank takes part in creating it; rank 1 is not in it
+    if rank == 1:
+        result = {}
+        for how in ("from_pretrained", "patch"):
+            try:
+                if how == "from_pretrained":
+                    vitriton.from_pretrained(Path(root) / "clip", process_group=group)
+                else:
+                    vitriton.patch(CLIPVisionModel.from_pretrained(Path(root) / "clip"), process_group=group)
+                result[how] = None
+            except ValueError as error:
+                result[how] = str(error)
+        torch.save(result, Path(root) / "rank1.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_rank_outside_the_process_group_raises_clearly(tmp_path):
+    # torch gives a process outside a group rank -1 and world size -1 in it: without a check, loading sliced the
+    # checkpoint at offsets such as [32:0] and failed with a CheckpointError that did not say why.
+    models.save(models.clip_model().vision_model, tmp_path / "clip")
+    # forked, not spawned: the children need nothing set up again, so the test takes under a second
+    mp.start_processes(
+        _non_member_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    for how, error in torch.load(tmp_path / "rank1.pt").items():
+        assert error and "(global rank 1) is not a member of the process group" in error and "[0]" in error, how

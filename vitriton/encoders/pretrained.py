@@ -29,6 +29,7 @@ from vitriton.parallel import (
     DataParallel,
     SameInputs,
     Weights,
+    check_member,
     default_group,
     get_world_size,
     join,
@@ -416,6 +417,7 @@ class PretrainedMixin(ModelAttributes):
         dtype = resolve_dtype(dtype, torch_dtype, config)
         if process_group is None:
             process_group = default_group()
+        check_member(process_group)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         device = torch.device(device)

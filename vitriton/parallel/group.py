@@ -56,6 +56,17 @@ def default_group() -> ProcessGroup | None:
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
+def check_member(group: ProcessGroup | None) -> None:
+    """Raises unless this process is one of ``group``'s ranks: torch gives a process outside a group rank -1 in it
+    (and world size -1), which would otherwise slice the checkpoint at nonsense offsets."""
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the process group given, whose ranks "
+            f"are {dist.get_process_group_ranks(group)}; load the model on the group's ranks only, or pass a group "
+            f"this rank belongs to"
+        )
+
+
 def get_rank(group: ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
