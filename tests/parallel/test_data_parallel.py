@@ -112,3 +112,37 @@ def test_data_parallel_bad_id_in_one_ranks_rows_raises_on_every_rank(tmp_path):
         error, grad_error = result["error"], result["grad_error"]
         assert error is not None and "token id 99 is outside the vocabulary" in error, f"rank {rank}: {error}"
         assert grad_error is not None and "gradients through a tensor-parallel" in grad_error, f"rank {rank}"
+
+
+def _options_worker(rank: int, world: int, port: int, root: str) -> None:
+    os.environ["VITRITON_EAGER"] = "1"
+    torch.set_num_threads(1)
+    # A short timeout: before options joined the check, ranks that differed in one waited here on each other.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=20)
+    )
+    px = models.pixels(2, 40, seed=3)
+    errors = {}
+    with torch.no_grad():
+        for mode, option in (("tensor", "output_attentions"), ("data", "feature_layers")):
+            model = vitriton.from_pretrained(Path(root) / "clip", parallel=mode, check_inputs=True)
+            value = {"output_attentions": rank == 1, "feature_layers": [0] if rank == 1 else None}[option]
+            try:
+                model(px, **{option: value})
+                errors[mode] = None
+            except ValueError as err:
+                errors[mode] = str(err)
+    torch.save(errors, Path(root) / f"options{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_input_check_covers_options_that_change_the_collectives(tmp_path):
+    # output_attentions all-gathers the heads' weights and feature_layers stops the encoder early: a rank that
+    # differs in one makes other collectives, so the check compares options as well as tensors.
+    models.save(models.clip_model().vision_model, tmp_path / "clip")
+    # forked, not spawned: the children need nothing set up again, so the test takes a second or two
+    mp.start_processes(_options_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        for mode, error in torch.load(tmp_path / f"options{rank}.pt").items():
+            assert error is not None and "ranks [1] passed inputs" in error, f"rank {rank} {mode}: {error}"

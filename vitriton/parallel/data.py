@@ -4,11 +4,13 @@ the outputs are all-gathered) and :class:`SameInputs` (tensor parallelism's opt-
 Under torchrun every rank calls the model. Tensor parallelism needs every rank to pass the same batch, data
 parallelism the same full batch; ranks that pass different inputs otherwise get wrong answers silently. With
 ``check_inputs`` (or ``VITRITON_CHECK_INPUTS=1`` at load time) each call all-gathers a checksum of every input
-tensor and raises, on every rank, an error naming the ranks whose inputs differ from rank 0's. The check waits
-for the device, so it is a debugging aid, off by default.
+tensor and option and raises, on every rank, an error naming the ranks whose inputs differ from rank 0's. The check
+waits for the device, so it is a debugging aid, off by default.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -19,15 +21,21 @@ from vitriton.kernels._dispatch import autograd_records
 from vitriton.parallel.group import ProcessGroup, get_rank, get_world_size
 
 
-def check_same_inputs(tensors: dict[str, torch.Tensor], group: ProcessGroup | None) -> None:
-    """Raises ValueError when the ranks of ``group`` hold different ``tensors`` (shapes, sums, sums of squares)."""
+def check_same_inputs(inputs: dict[str, object], group: ProcessGroup | None) -> None:
+    """Raises ValueError when the ranks of ``group`` hold different ``inputs``: tensors (shapes, sums, sums of
+    squares) and plain options (``call_inputs``), whose ``repr`` is compared by checksum. An option such as
+    ``output_attentions`` or ``feature_layers`` changes the collectives a call makes, so ranks that differ in one
+    would otherwise wait on each other until the process group's timeout."""
     world = get_world_size(group)
     if world == 1:
         return
     summary = []
-    for tensor in tensors.values():
-        values = tensor.detach().double()
-        summary += [tensor.dim(), *tensor.shape[:4], values.sum().item(), values.square().sum().item()]
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            values = value.detach().double()
+            summary += [value.dim(), *value.shape[:4], values.sum().item(), values.square().sum().item()]
+        else:
+            summary.append(zlib.crc32(repr(value).encode()))
     mine = torch.tensor([len(summary), *summary], dtype=torch.float64)
     width = torch.tensor([mine.numel()])
     widths = [torch.empty_like(width) for _ in range(world)]
@@ -40,14 +48,28 @@ def check_same_inputs(tensors: dict[str, torch.Tensor], group: ProcessGroup | No
     differ = [rank for rank in range(1, world) if not torch.equal(parts[rank].nan_to_num(), parts[0].nan_to_num())]
     if differ:
         raise ValueError(
-            f"ranks {differ} passed inputs ({', '.join(tensors)}) that differ from rank 0's; every rank must pass "
-            f"the same batch (tensor parallelism) or the same full batch (data parallelism)"
+            f"ranks {differ} passed inputs ({', '.join(inputs)}) that differ from rank 0's; every rank must pass "
+            f"the same batch (tensor parallelism) or the same full batch (data parallelism), with the same options"
         )
 
 
 def input_tensors(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     named = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
     named.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return named
+
+
+def is_option(value) -> bool:
+    """A plain value whose ``repr`` is the same on every rank that passes it (no object addresses)."""
+    if isinstance(value, list | tuple):
+        return all(is_option(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def call_inputs(args: tuple, kwargs: dict) -> dict[str, object]:
+    """What ``check_same_inputs`` compares: the input tensors and the plain options of one call."""
+    named = {f"argument {i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor) or is_option(a)}
+    named.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) or is_option(v)})
     return named
 
 
@@ -111,7 +133,7 @@ class SameInputs(TowerWrapper):
     """Checks that every rank passed the same inputs, then runs the tower."""
 
     def forward(self, *args, **kwargs):
-        check_same_inputs(input_tensors(args, kwargs), self.process_group)
+        check_same_inputs(call_inputs(args, kwargs), self.process_group)
         return self.module(*args, **kwargs)
 
 
@@ -129,7 +151,7 @@ class DataParallel(TowerWrapper):
         group = self.process_group
         world = get_world_size(group)
         if self.check_inputs:
-            check_same_inputs(input_tensors(args, kwargs), group)
+            check_same_inputs(call_inputs(args, kwargs), group)
         tensors = list(input_tensors(args, kwargs).values())
         if world > 1 and autograd_records(*tensors):
             raise NotImplementedError(
