@@ -234,6 +234,33 @@ def test_layer_hooks_see_transformers_hidden_states(family, clip_pair, siglip_pa
         assert_same(got.pooler_output, ref.pooler_output, f"{tower} pooled, output halved by the hook")
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_fused_activation_module_takes_hooks_and_replacement(family, clip_pair, siglip_pair):
+    """``mlp.activation_fn`` is transformers' module even where the activation is fused into fc1 (quick_gelu,
+    gelu_pytorch_tanh): a hook on it sees the activations transformers gives it (neuron probes), and a module put
+    in its place runs."""
+    (hf, ours), size = pair(family, clip_pair, siglip_pair)
+    px = models.pixels(1, size, seed=7)
+    seen = {}
+    handles = [model.vision_model.encoder.layers[1].mlp.activation_fn.register_forward_hook(
+                   lambda module, args, out, name=name: seen.setdefault(name, out))
+               for name, model in (("hf", hf), ("ours", ours))]  # fmt: skip
+    try:
+        ref, got = hf.get_image_features(px), ours.get_image_features(px)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert_same(seen["ours"], seen["hf"], "layer 1 activations")
+    assert_same(got.pooler_output, ref.pooler_output, "image embeddings while hooked")
+    mlp = ours.vision_model.encoder.layers[1].mlp
+    activation, mlp.activation_fn = mlp.activation_fn, torch.nn.Identity()
+    try:
+        assert not torch.allclose(ours.get_image_features(px).pooler_output, got.pooler_output)
+    finally:
+        mlp.activation_fn = activation
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_layer_backward_hooks_and_replaced_forward_run(family, clip_pair, siglip_pair):
     """What ``nn.Module.__call__`` does besides forward hooks reaches the layer too: a full backward hook (while

@@ -284,20 +284,19 @@ FUSED_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tan
 
 
 class MLP(nn.Module):
-    """fc1 (column-parallel, activation fused into its epilogue) -> fc2 (row-parallel). An activation the GEMM
-    epilogue does not have (relu, silu, ...) runs after fc1 as transformers' own ``ACT2FN`` module, under
-    transformers' name ``activation_fn``, with the tensors of one that has its own (prelu, xielu) read from the
-    checkpoint."""
+    """fc1 (column-parallel, activation fused into its epilogue) -> fc2 (row-parallel). The activation is also
+    transformers' own ``ACT2FN`` module under transformers' name ``activation_fn``: one the GEMM epilogue does not
+    have (relu, silu, ...) runs after fc1 as that module, with the tensors of one that has its own (prelu, xielu)
+    read from the checkpoint; a fused one runs as the module only while it has hooks (neuron probes) or has been
+    replaced, so those see what they see in transformers."""
 
     def __init__(self, prefix: str, config, weights: Weights):
         super().__init__()
         act = config.hidden_act
         fused = FUSED_ALIASES.get(act, act) if isinstance(act, str) else None
-        if fused is not None and fused in ACTIVATIONS:
-            self.activation, self.activation_fn = fused, None
-        else:
-            self.activation = None
-            self.activation_fn = activation_module(act, join(prefix, "activation_fn"), weights)
+        self.activation = fused if fused in ACTIVATIONS else None
+        self.activation_fn = activation_module(act, join(prefix, "activation_fn"), weights)
+        self.fused_fn = type(self.activation_fn)  # a module put in its place (nn.Identity()) runs as itself
         hidden, inner = config.hidden_size, config.intermediate_size
         if inner < 1:
             raise ValueError(
@@ -320,8 +319,10 @@ class MLP(nn.Module):
 
     def inner(self, x: torch.Tensor) -> torch.Tensor:
         """fc1 and the activation: what fc2 takes."""
-        inner = self.fc1(x, self.activation)
-        return inner if self.activation_fn is None else self.activation_fn(inner)
+        fn = self.activation_fn
+        if self.activation is not None and type(fn) is self.fused_fn and not (called_as_module(fn) or global_hooks()):
+            return self.fc1(x, self.activation)
+        return fn(self.fc1(x))
 
 
 def activation_module(act, prefix: str, weights: Weights) -> nn.Module | Callable[[torch.Tensor], torch.Tensor]:
